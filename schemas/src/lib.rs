@@ -1,0 +1,23 @@
+//! Shared contract between `branch-listener` and `hq-puller`.
+//!
+//! - [`catalogue`]: the replicated tables (the built-in product-management schema plus
+//!   tables added by a catalogue file), validated identifiers and column types.
+//! - [`wire`]: the JSON types of the pull protocol (`/v1/changes`, `/v1/status`, errors).
+//! - [`cursor`]: the opaque cursor HQ stores and sends back as `after`.
+//! - [`sql`]: SQL generated from the catalogue: the branch pull area and triggers for
+//!   SQLite and PostgreSQL, and the HQ mirror tables, views and apply statements.
+//! - [`migrations`]: the sqlx migrations of the HQ `sync` schema.
+//! - [`secret`]: bearer tokens read from files with permission checks, compared in
+//!   constant time, never printed.
+//! - [`telemetry`]: tracing set-up shared by both binaries.
+
+pub mod catalogue;
+pub mod cursor;
+pub mod migrations;
+pub mod secret;
+pub mod sql;
+pub mod telemetry;
+pub mod wire;
+
+pub use catalogue::{Catalogue, Column, ColumnType, Table};
+pub use cursor::Cursor;

@@ -1,0 +1,133 @@
+//! HQ side: mirror tables `hq.<table>`, views `hq.<table>_live`, apply statements.
+//!
+//! A mirror table has `location_id` first in its primary key, the branch columns (all
+//! nullable but the key, so a delete can leave a tombstone), and the bookkeeping columns
+//! `_seq` (branch sequence of the last applied change), `_deleted`, `_applied_at`.
+//!
+//! The apply statement takes the batch's newest image per key as one JSON array
+//! (`$1`, elements: the row image plus `_seq` and `_deleted`) and the location id (`$2`),
+//! decodes it with `jsonb_to_recordset` (PostgreSQL parses the numbers: exact), and
+//! upserts with the guard `WHERE t._seq < EXCLUDED._seq`: an older change never wins,
+//! a tombstone is never resurrected by a late update, and redelivery changes nothing.
+
+use super::q;
+use crate::catalogue::{Catalogue, ColumnType, Table};
+
+pub fn mirror_table(table: &Table) -> String {
+    format!("hq.{}", q(&table.name))
+}
+
+pub fn live_view(table: &Table) -> String {
+    format!("hq.{}", q(&format!("{}_live", table.name)))
+}
+
+/// Idempotent DDL creating (or extending with new columns) the mirror tables and views.
+pub fn create_mirror_tables(catalogue: &Catalogue) -> Vec<String> {
+    let mut v = vec!["CREATE SCHEMA IF NOT EXISTS hq".to_string()];
+    for t in &catalogue.tables {
+        let mut cols = vec!["location_id text NOT NULL".to_string()];
+        for c in &t.columns {
+            cols.push(format!("{} {}", q(&c.name), c.ty.hq_type()));
+        }
+        cols.push("_seq bigint NOT NULL".into());
+        cols.push("_deleted boolean NOT NULL DEFAULT false".into());
+        cols.push("_applied_at timestamptz NOT NULL DEFAULT now()".into());
+        let keys: Vec<String> = t.primary_key.iter().map(|k| q(k)).collect();
+        cols.push(format!("PRIMARY KEY (location_id, {})", keys.join(", ")));
+        v.push(format!(
+            "CREATE TABLE IF NOT EXISTS {} ({})",
+            mirror_table(t),
+            cols.join(", ")
+        ));
+        for c in &t.columns {
+            v.push(format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+                mirror_table(t),
+                q(&c.name),
+                c.ty.hq_type()
+            ));
+        }
+        let names: Vec<String> = t.columns.iter().map(|c| q(&c.name)).collect();
+        v.push(format!(
+            "CREATE OR REPLACE VIEW {} AS SELECT location_id, {} FROM {} WHERE NOT _deleted",
+            live_view(t),
+            names.join(", "),
+            mirror_table(t)
+        ));
+    }
+    v
+}
+
+/// Expression turning the decoded record column into the mirror column's value.
+fn decoded(table: &Table, name: &str, ty: ColumnType) -> String {
+    let r = format!("r.{}", q(name));
+    match ty {
+        ColumnType::Blob => format!("decode({r}, 'hex')"),
+        ColumnType::Numeric { precision, scale } => format!(
+            "sync.fit_numeric({r}, {precision}, {scale}, '{}.{}')",
+            table.name, name
+        ),
+        _ => r,
+    }
+}
+
+/// The set-wise upsert of one table. `$1`: JSON array of images, `$2`: location id.
+pub fn upsert(table: &Table) -> String {
+    let cols: Vec<String> = table.columns.iter().map(|c| q(&c.name)).collect();
+    let values: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| decoded(table, &c.name, c.ty))
+        .collect();
+    let record: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| format!("{} {}", q(&c.name), c.ty.hq_decode_type()))
+        .collect();
+    let keys: Vec<String> = table.primary_key.iter().map(|k| q(k)).collect();
+    let sets: Vec<String> = table
+        .value_columns()
+        .map(|c| format!("{0} = EXCLUDED.{0}", q(&c.name)))
+        .collect();
+    let mut set_clause = sets.join(", ");
+    if !set_clause.is_empty() {
+        set_clause.push_str(", ");
+    }
+    format!(
+        "INSERT INTO {tbl} AS t (location_id, {cols}, _seq, _deleted, _applied_at) \
+         SELECT $2, {values}, r._seq, r._deleted, now() \
+         FROM jsonb_to_recordset($1::jsonb) AS r({record}, _seq bigint, _deleted boolean) \
+         ON CONFLICT (location_id, {keys}) DO UPDATE SET {set_clause}\
+         _seq = EXCLUDED._seq, _deleted = EXCLUDED._deleted, _applied_at = EXCLUDED._applied_at \
+         WHERE t._seq < EXCLUDED._seq",
+        tbl = mirror_table(table),
+        cols = cols.join(", "),
+        values = values.join(", "),
+        record = record.join(", "),
+        keys = keys.join(", "),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsert_guards_on_sequence_and_checks_numeric_fit() {
+        let cat = Catalogue::product_management();
+        let sql = upsert(cat.table("products").unwrap());
+        assert!(sql.contains("WHERE t._seq < EXCLUDED._seq"));
+        assert!(sql.contains("sync.fit_numeric(r.\"unit_price\", 12, 2, 'products.unit_price')"));
+        assert!(sql.contains("ON CONFLICT (location_id, \"product_id\")"));
+        assert!(!sql.contains("\"product_id\" = EXCLUDED"));
+    }
+
+    #[test]
+    fn mirror_ddl_has_bookkeeping_and_live_view() {
+        let cat = Catalogue::product_management();
+        let ddl = create_mirror_tables(&cat).join("\n");
+        assert!(ddl.contains("PRIMARY KEY (location_id, \"product_id\")"));
+        assert!(ddl.contains("CREATE OR REPLACE VIEW hq.\"products_live\""));
+        assert!(ddl.contains("_seq bigint NOT NULL"));
+    }
+}

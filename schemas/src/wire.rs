@@ -1,0 +1,178 @@
+//! JSON types of the pull protocol (version 1). See `docs/protocol.md`.
+//!
+//! Row images and primary keys travel as raw JSON (`RawValue`): HQ never parses values
+//! into Rust numbers, it hands the JSON text to PostgreSQL, which parses numbers as exact
+//! `numeric`. This keeps money exact and 64-bit integers whole end to end.
+
+use crate::cursor::Cursor;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default and maximum `limit` of `/v1/changes` (changes per response, soft: a window is
+/// never split, so a single window larger than `limit` is served whole).
+pub const DEFAULT_LIMIT: u32 = 5_000;
+pub const MAX_LIMIT: u32 = 50_000;
+/// Maximum `wait` (long-poll) in seconds.
+pub const MAX_WAIT_SECONDS: u32 = 60;
+
+/// Kind of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    #[serde(rename = "I")]
+    Insert,
+    #[serde(rename = "U")]
+    Update,
+    #[serde(rename = "D")]
+    Delete,
+}
+
+impl Op {
+    pub fn as_code(&self) -> &'static str {
+        match self {
+            Op::Insert => "I",
+            Op::Update => "U",
+            Op::Delete => "D",
+        }
+    }
+
+    pub fn from_code(s: &str) -> Option<Op> {
+        match s {
+            "I" => Some(Op::Insert),
+            "U" => Some(Op::Update),
+            "D" => Some(Op::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// One captured row change.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    /// Branch sequence: strictly increasing, never reused (also across pruning).
+    pub seq: i64,
+    /// Catalogue table name (looked up at HQ, never interpolated).
+    pub table: String,
+    pub op: Op,
+    /// Primary key as a JSON object of the key columns.
+    pub pk: Box<RawValue>,
+    /// Full row image after the change (catalogue columns only); `null` for deletes.
+    pub row: Option<Box<RawValue>>,
+    /// When the change was written at the branch (UTC).
+    pub ts: DateTime<Utc>,
+}
+
+/// Response of `GET /v1/changes`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangesResponse {
+    pub protocol: u32,
+    /// The branch's location id (from its config); HQ refuses a batch for another id.
+    pub location: String,
+    pub instance_id: Uuid,
+    /// IANA zone in which the branch's zone-less timestamps are to be read.
+    pub time_zone: String,
+    /// The cursor this batch starts after (`None`: the start of the pull area).
+    pub after: Option<Cursor>,
+    /// The cursor to store with this batch and send as `after` next time.
+    pub next: Cursor,
+    /// Whether changes after `next` are already servable.
+    pub more: bool,
+    /// The limit applied (after clamping).
+    pub limit: u32,
+    /// Set when the requested limit was over the maximum and was clamped.
+    pub limit_clamped: bool,
+    /// Approximate number of servable changes after `next`.
+    pub backlog: u64,
+    pub changes: Vec<Change>,
+}
+
+/// Body of every error response: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, see [`error_code`].
+    pub code: String,
+    pub message: String,
+}
+
+/// Error codes of the protocol, with their HTTP status.
+pub mod error_code {
+    /// 400: a query parameter is malformed.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// 401: missing or wrong bearer token.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// 409: the cursor belongs to another pull-area instance.
+    pub const INSTANCE_MISMATCH: &str = "instance_mismatch";
+    /// 409: the cursor's tick exists with another uuid, or is ahead of the branch's head
+    /// (the branch database was restored or replaced).
+    pub const LINEAGE_MISMATCH: &str = "lineage_mismatch";
+    /// 410: the cursor points into pruned history (HQ needs a resync).
+    pub const PRUNED: &str = "pruned";
+    /// 503: the branch database is unreachable or busy.
+    pub const UNAVAILABLE: &str = "unavailable";
+    /// 500: anything else.
+    pub const INTERNAL: &str = "internal";
+}
+
+/// The oldest open transaction at the branch that has written changes not yet servable
+/// (PostgreSQL only: on SQLite an open write transaction cannot be observed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenWriter {
+    pub pid: i32,
+    pub age_seconds: f64,
+}
+
+/// Response of `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub protocol: u32,
+    pub location: String,
+    pub instance_id: Uuid,
+    /// "sqlite" or "postgres".
+    pub backend: String,
+    pub version: String,
+    /// Cursor of the newest tick.
+    pub head: Cursor,
+    /// Highest sequence written to the pull area.
+    pub head_seq: i64,
+    /// Rows in the pull area (acknowledged ones awaiting retention included).
+    pub pull_area_depth: u64,
+    /// Changes not yet acknowledged by HQ.
+    pub unacked_changes: u64,
+    /// Age of the oldest change not yet acknowledged by HQ.
+    pub oldest_unacked_age_seconds: Option<f64>,
+    /// The newest tick HQ acknowledged.
+    pub acked_tick: Option<i64>,
+    pub oldest_open_writer: Option<OpenWriter>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_round_trips_with_raw_values_intact() {
+        let j = r#"{"seq":9007199254740993,"table":"products","op":"U","pk":{"product_id":9007199254740993},"row":{"product_id":9007199254740993,"unit_price":12345678901.23},"ts":"2026-11-24T06:31:03.123Z"}"#;
+        let c: Change = serde_json::from_str(j).unwrap();
+        assert_eq!(c.seq, 9007199254740993);
+        assert_eq!(c.op, Op::Update);
+        assert!(c.row.unwrap().get().contains("12345678901.23"));
+    }
+
+    #[test]
+    fn unknown_fields_and_ops_are_refused() {
+        let j = r#"{"seq":1,"table":"t","op":"X","pk":{},"row":null,"ts":"2026-11-24T06:31:03Z"}"#;
+        assert!(serde_json::from_str::<Change>(j).is_err());
+        let j = r#"{"seq":1,"table":"t","op":"I","pk":{},"row":null,"ts":"2026-11-24T06:31:03Z","x":1}"#;
+        assert!(serde_json::from_str::<Change>(j).is_err());
+    }
+}
