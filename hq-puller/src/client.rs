@@ -1,0 +1,202 @@
+//! HTTP client of one listener: bearer token, gzip/zstd, timeouts, and the mapping of
+//! HTTP failures to [`ErrorKind`]s.
+
+use crate::config::Location;
+use crate::error::{Error, Result};
+use schemas::wire::{error_code, ChangesResponse, ErrorBody};
+use schemas::Cursor;
+use std::time::Duration;
+
+/// Largest response body accepted (decompressed), against a hostile or broken listener.
+pub const MAX_BODY_BYTES: usize = 512 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    changes_url: url::Url,
+    token: String,
+    request_timeout: Duration,
+}
+
+/// A fetched batch and its size on the wire (decompressed).
+#[derive(Debug)]
+pub struct Fetched {
+    pub response: ChangesResponse,
+    pub bytes: u64,
+}
+
+impl Client {
+    pub fn new(loc: &Location) -> Result<Client> {
+        let http = reqwest::Client::builder()
+            .gzip(true)
+            .zstd(true)
+            .connect_timeout(loc.connect_timeout)
+            .user_agent(concat!("hq-puller/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Other(format!("building HTTP client: {e}")))?;
+        let mut base = loc.url.clone();
+        if !base.path().ends_with('/') {
+            let p = format!("{}/", base.path());
+            base.set_path(&p);
+        }
+        let changes_url = base
+            .join("v1/changes")
+            .map_err(|e| Error::Config(format!("location {}: url: {e}", loc.id)))?;
+        Ok(Client {
+            http,
+            changes_url,
+            token: loc.tokens.current().to_string(),
+            request_timeout: loc.request_timeout,
+        })
+    }
+
+    /// `GET /v1/changes?after=..&limit=..[&wait=..]`. With `wait`, the request timeout is
+    /// extended by the wait.
+    pub async fn changes(
+        &self,
+        after: Option<&Cursor>,
+        limit: u32,
+        wait: Option<u32>,
+    ) -> Result<Fetched> {
+        let mut url = self.changes_url.clone();
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(a) = after {
+                q.append_pair("after", &a.to_string());
+            }
+            q.append_pair("limit", &limit.to_string());
+            if let Some(w) = wait {
+                q.append_pair("wait", &w.to_string());
+            }
+        }
+        let timeout = self.request_timeout + Duration::from_secs(u64::from(wait.unwrap_or(0)));
+        let resp = self
+            .http
+            .get(url)
+            .bearer_auth(&self.token)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| Error::transient(describe(&e)))?;
+        let status = resp.status();
+        if let Some(len) = resp.content_length() {
+            if len as usize > MAX_BODY_BYTES {
+                return Err(Error::permanent(format!(
+                    "listener response of {len} bytes exceeds the limit of {MAX_BODY_BYTES}"
+                )));
+            }
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| Error::transient(describe(&e)))?;
+        if body.len() > MAX_BODY_BYTES {
+            return Err(Error::permanent(format!(
+                "listener response of {} bytes exceeds the limit of {MAX_BODY_BYTES}",
+                body.len()
+            )));
+        }
+        if !status.is_success() {
+            return Err(http_error(status, &body));
+        }
+        let response: ChangesResponse = serde_json::from_slice(&body).map_err(|e| {
+            Error::permanent(format!("listener sent a malformed changes response: {e}"))
+        })?;
+        Ok(Fetched {
+            response,
+            bytes: body.len() as u64,
+        })
+    }
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "request timed out"
+    } else if e.is_connect() {
+        "cannot connect to the listener"
+    } else {
+        "request to the listener failed"
+    };
+    // reqwest's Display never contains headers, so the token stays out of logs.
+    let mut msg = format!("{what}: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
+}
+
+/// Maps an HTTP error status (and the listener's error body, when it has one) to a kind.
+pub fn http_error(status: reqwest::StatusCode, body: &[u8]) -> Error {
+    let detail = serde_json::from_slice::<ErrorBody>(body)
+        .ok()
+        .map(|b| b.error);
+    let code = detail.as_ref().map(|d| d.code.as_str()).unwrap_or("");
+    let message = detail
+        .as_ref()
+        .map(|d| d.message.chars().take(500).collect::<String>())
+        .unwrap_or_default();
+    let s = status.as_u16();
+    match s {
+        401 | 403 => Error::permanent(format!(
+            "token rejected by the listener (HTTP {s}); check the location's token_file"
+        )),
+        409 => {
+            let what = if code == error_code::INSTANCE_MISMATCH {
+                "instance mismatch (the branch pull area was re-installed or replaced)"
+            } else if code == error_code::LINEAGE_MISMATCH {
+                "lineage mismatch (the branch database was restored or replaced)"
+            } else {
+                "conflict"
+            };
+            Error::resync(format!("listener refused our cursor: {what}: {message}"))
+        }
+        410 => Error::resync(format!(
+            "our cursor points into pruned history at the branch: {message}"
+        )),
+        400..=499 => Error::permanent(format!(
+            "listener refused the request (HTTP {s} {code}): {message}"
+        )),
+        _ => Error::transient(format!("listener error (HTTP {s} {code}): {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use reqwest::StatusCode;
+
+    #[test]
+    fn statuses_map_to_kinds() {
+        let body = |c: &str| format!(r#"{{"error":{{"code":"{c}","message":"m"}}}}"#).into_bytes();
+        assert_eq!(
+            http_error(StatusCode::CONFLICT, &body("instance_mismatch")).kind(),
+            ErrorKind::NeedsResync
+        );
+        assert_eq!(
+            http_error(StatusCode::CONFLICT, &body("lineage_mismatch")).kind(),
+            ErrorKind::NeedsResync
+        );
+        assert_eq!(
+            http_error(StatusCode::GONE, &body("pruned")).kind(),
+            ErrorKind::NeedsResync
+        );
+        let e = http_error(StatusCode::UNAUTHORIZED, &body("unauthorized"));
+        assert_eq!(e.kind(), ErrorKind::Permanent);
+        assert!(e.to_string().contains("token rejected"));
+        assert_eq!(
+            http_error(StatusCode::SERVICE_UNAVAILABLE, b"").kind(),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            http_error(StatusCode::INTERNAL_SERVER_ERROR, b"x").kind(),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            http_error(StatusCode::BAD_REQUEST, &body("bad_request")).kind(),
+            ErrorKind::Permanent
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! Validation of a fetched batch before anything touches HQ. Every violation is a
+//! permanent error naming the problem: the location is paused and nothing is applied.
+//!
+//! Values stay JSON text throughout (never parsed into Rust numbers); only the object
+//! *keys* of the primary key and row image are inspected.
+
+use crate::error::{Error, Result};
+use schemas::wire::{ChangesResponse, Op, PROTOCOL_VERSION};
+use schemas::{Catalogue, Cursor};
+use serde_json::value::RawValue;
+use std::collections::{BTreeMap, HashSet};
+use uuid::Uuid;
+
+/// One change, checked against the catalogue, ready for the apply.
+#[derive(Debug)]
+pub struct Checked<'a> {
+    /// Index of the table in the catalogue (apply order).
+    pub table: usize,
+    /// Canonical text of the primary key (key columns in catalogue order).
+    pub key: String,
+    pub seq: i64,
+    pub deleted: bool,
+    /// The JSON object applied: the row image, or the pk object for a delete.
+    pub image: &'a str,
+}
+
+/// A batch that passed every check.
+#[derive(Debug)]
+pub struct CheckedBatch<'a> {
+    pub changes: Vec<Checked<'a>>,
+}
+
+/// What HQ knows about the location before this batch.
+#[derive(Debug, Clone, Default)]
+pub struct Expected {
+    pub location: String,
+    /// The cursor we sent as `after` (the stored cursor).
+    pub after: Option<Cursor>,
+    /// The instance id stored with the cursor.
+    pub instance_id: Option<Uuid>,
+}
+
+fn object<'a>(what: &str, seq: i64, raw: &'a RawValue) -> Result<BTreeMap<String, &'a RawValue>> {
+    serde_json::from_str::<BTreeMap<String, &'a RawValue>>(raw.get())
+        .map_err(|_| Error::permanent(format!("change seq {seq}: {what} is not a JSON object")))
+}
+
+pub fn check<'a>(
+    resp: &'a ChangesResponse,
+    expected: &Expected,
+    catalogue: &Catalogue,
+) -> Result<CheckedBatch<'a>> {
+    let bad = |m: String| {
+        Err(Error::permanent(format!(
+            "listener sent an invalid batch: {m}"
+        )))
+    };
+    if resp.protocol != PROTOCOL_VERSION {
+        return bad(format!(
+            "protocol version {} (this hq-puller speaks {PROTOCOL_VERSION})",
+            resp.protocol
+        ));
+    }
+    if resp.location != expected.location {
+        return bad(format!(
+            "batch is for location {:?}, configured location is {:?} (wrong url or token?)",
+            resp.location, expected.location
+        ));
+    }
+    if resp.after != expected.after {
+        return bad(format!(
+            "batch starts after {} but our cursor is {}",
+            show(resp.after.as_ref()),
+            show(expected.after.as_ref())
+        ));
+    }
+    if resp.next.instance_id != resp.instance_id {
+        return bad(format!(
+            "next cursor belongs to instance {} but the response is from instance {}",
+            resp.next.instance_id, resp.instance_id
+        ));
+    }
+    if let Some(stored) = expected.instance_id {
+        if stored != resp.instance_id {
+            return Err(Error::resync(format!(
+                "branch pull-area instance changed from {stored} to {} (re-installed or replaced branch database)",
+                resp.instance_id
+            )));
+        }
+    }
+    if let Some(after) = &resp.after {
+        if after.instance_id != resp.instance_id {
+            return bad(format!(
+                "after cursor belongs to instance {} but the response is from instance {}",
+                after.instance_id, resp.instance_id
+            ));
+        }
+        if resp.next.tick < after.tick || (resp.next.tick == after.tick && !resp.changes.is_empty())
+        {
+            return bad(format!(
+                "cursor goes backwards: next tick {} is not after tick {}",
+                resp.next.tick, after.tick
+            ));
+        }
+        if resp.next.tick == after.tick && resp.next.tick_uuid != after.tick_uuid {
+            return bad(format!("tick {} changed its uuid", after.tick));
+        }
+    }
+    let mut seqs = HashSet::with_capacity(resp.changes.len());
+    let mut out = Vec::with_capacity(resp.changes.len());
+    for c in &resp.changes {
+        if !seqs.insert(c.seq) {
+            return bad(format!("duplicate seq {} in one batch", c.seq));
+        }
+        let Some(ti) = catalogue.tables.iter().position(|t| t.name == c.table) else {
+            return bad(format!(
+                "change seq {}: unknown table {:?} (not in the catalogue)",
+                c.seq,
+                c.table.chars().take(64).collect::<String>()
+            ));
+        };
+        let table = &catalogue.tables[ti];
+        let pk = object("pk", c.seq, &c.pk)?;
+        let pk_cols: Vec<&str> = pk.keys().map(String::as_str).collect();
+        let mut want: Vec<&str> = table.primary_key.iter().map(String::as_str).collect();
+        want.sort_unstable();
+        if pk_cols != want {
+            return bad(format!(
+                "change seq {}: pk of table {} has columns {:?}, expected exactly {:?}",
+                c.seq, table.name, pk_cols, want
+            ));
+        }
+        for (k, v) in &pk {
+            if v.get().trim() == "null" {
+                return bad(format!(
+                    "change seq {}: pk column {}.{k} is null",
+                    c.seq, table.name
+                ));
+            }
+        }
+        let key = table
+            .primary_key
+            .iter()
+            .map(|k| pk[k].get().trim())
+            .collect::<Vec<_>>()
+            .join("\u{1f}");
+        let (deleted, image) = match (c.op, &c.row) {
+            (Op::Delete, None) => (true, c.pk.get()),
+            (Op::Delete, Some(_)) => {
+                return bad(format!("change seq {}: a delete must have row null", c.seq))
+            }
+            (_, None) => {
+                return bad(format!(
+                    "change seq {}: {} on {} has no row image",
+                    c.seq,
+                    c.op.as_code(),
+                    table.name
+                ))
+            }
+            (_, Some(row)) => {
+                let r = object("row", c.seq, row)?;
+                for col in r.keys() {
+                    if table.column(col).is_none() {
+                        return bad(format!(
+                            "change seq {}: unknown column {}.{} (not in the catalogue)",
+                            c.seq,
+                            table.name,
+                            col.chars().take(64).collect::<String>()
+                        ));
+                    }
+                }
+                for k in &table.primary_key {
+                    match r.get(k) {
+                        None => {
+                            return bad(format!(
+                                "change seq {}: row of {} lacks key column {k}",
+                                c.seq, table.name
+                            ))
+                        }
+                        Some(v) if v.get().trim() != pk[k].get().trim() => {
+                            return bad(format!(
+                                "change seq {}: row of {} has key {k} = {} but pk says {}",
+                                c.seq,
+                                table.name,
+                                v.get(),
+                                pk[k].get()
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+                (false, row.get())
+            }
+        };
+        out.push(Checked {
+            table: ti,
+            key,
+            seq: c.seq,
+            deleted,
+            image,
+        });
+    }
+    Ok(CheckedBatch { changes: out })
+}
+
+fn show(c: Option<&Cursor>) -> String {
+    c.map(|c| c.to_string()).unwrap_or_else(|| "(start)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn resp(changes: &str) -> ChangesResponse {
+        let i = Uuid::nil();
+        serde_json::from_str(&format!(
+            r#"{{"protocol":1,"location":"b01","instance_id":"{i}","time_zone":"UTC","after":null,
+            "next":"{i}:2:{i}","more":false,"limit":10,"limit_clamped":false,"backlog":0,"changes":[{changes}]}}"#
+        ))
+        .unwrap()
+    }
+    fn exp() -> Expected {
+        Expected {
+            location: "b01".into(),
+            ..Default::default()
+        }
+    }
+    fn err(changes: &str) -> String {
+        let r = resp(changes);
+        let e = check(&r, &exp(), &Catalogue::product_management()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permanent);
+        e.to_string()
+    }
+    const TS: &str = r#""ts":"2026-01-01T00:00:00Z""#;
+
+    #[test]
+    fn good_batch_passes() {
+        let r = resp(&format!(
+            r#"{{"seq":1,"table":"inventory","op":"I","pk":{{"product_id":1}},"row":{{"product_id":1,"quantity_on_hand":5}},{TS}}},
+               {{"seq":2,"table":"inventory","op":"D","pk":{{"product_id":1}},"row":null,{TS}}}"#
+        ));
+        let b = check(&r, &exp(), &Catalogue::product_management()).unwrap();
+        assert_eq!(b.changes.len(), 2);
+        assert!(b.changes[1].deleted);
+        assert_eq!(b.changes[0].key, b.changes[1].key);
+    }
+
+    #[test]
+    fn violations_name_the_problem() {
+        assert!(err(&format!(
+            r#"{{"seq":1,"table":"nope","op":"D","pk":{{"id":1}},"row":null,{TS}}}"#
+        ))
+        .contains("unknown table \"nope\""));
+        assert!(err(&format!(r#"{{"seq":1,"table":"inventory","op":"I","pk":{{"product_id":1}},"row":{{"product_id":1,"colour":1}},{TS}}}"#)).contains("unknown column inventory.colour"));
+        assert!(err(&format!(
+            r#"{{"seq":1,"table":"inventory","op":"D","pk":{{"sku":1}},"row":null,{TS}}}"#
+        ))
+        .contains("pk of table inventory"));
+        assert!(err(&format!(r#"{{"seq":1,"table":"inventory","op":"D","pk":{{"product_id":1}},"row":null,{TS}}},{{"seq":1,"table":"inventory","op":"D","pk":{{"product_id":2}},"row":null,{TS}}}"#)).contains("duplicate seq 1"));
+        assert!(err(&format!(
+            r#"{{"seq":1,"table":"inventory","op":"U","pk":{{"product_id":1}},"row":null,{TS}}}"#
+        ))
+        .contains("no row image"));
+        assert!(err(&format!(r#"{{"seq":1,"table":"inventory","op":"D","pk":{{"product_id":1}},"row":{{"product_id":1}},{TS}}}"#)).contains("row null"));
+        assert!(err(&format!(r#"{{"seq":1,"table":"inventory","op":"I","pk":{{"product_id":1}},"row":{{"product_id":2}},{TS}}}"#)).contains("pk says"));
+    }
+
+    #[test]
+    fn wrong_location_and_cursor_are_refused() {
+        let r = resp("");
+        let mut e = exp();
+        e.location = "b02".into();
+        assert!(check(&r, &e, &Catalogue::product_management())
+            .unwrap_err()
+            .to_string()
+            .contains("configured location is \"b02\""));
+        let e = Expected {
+            location: "b01".into(),
+            after: Some(format!("{0}:1:{0}", Uuid::nil()).parse().unwrap()),
+            instance_id: None,
+        };
+        assert!(check(&r, &e, &Catalogue::product_management())
+            .unwrap_err()
+            .to_string()
+            .contains("our cursor is"));
+    }
+}
