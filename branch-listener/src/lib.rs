@@ -1,1 +1,28 @@
-//! placeholder
+//! `branch-listener`: the branch side of branch-to-HQ replication.
+//!
+//! - [`config`]: the TOML + `BRANCH_*` configuration and its validation.
+//! - [`db`]: connections to the branch database (SQLite or PostgreSQL).
+//! - [`install`]: install/uninstall of the pull area and capture triggers (idempotent).
+//! - [`pull_area`]: metadata, ticks, windows, acknowledgement, status figures.
+//! - [`ticker`]: the background ticker cutting the change log into windows.
+//! - [`wake`]: change notification for long-polls (LISTEN/NOTIFY, `PRAGMA data_version`).
+//! - [`prune`]: deletion of acknowledged history after the retention.
+//! - [`http`]: the pull protocol endpoints (`app(state) -> Router`).
+//! - [`metrics`]: Prometheus metric names and the recorder.
+//! - [`serve`]: `run(config, listener, shutdown)`.
+//! - [`error`]: the crate's error type and its HTTP mapping.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod install;
+pub mod metrics;
+pub mod prune;
+pub mod pull_area;
+pub mod serve;
+pub mod ticker;
+pub mod wake;
+
+pub use config::Config;
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,57 @@
+//! The `serve` command: background tasks (ticker, pruner, wake-up source) and the HTTP
+//! server, all stopped by one shutdown token (SIGTERM/SIGINT in `main`, or a test's).
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::http::{app, AppState};
+use crate::wake::Wake;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Builds the state of a server (the pool is lazy: nothing is connected yet).
+pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState> {
+    let db = Db::connect_lazy(&config, false)?;
+    let tokens = config.tokens()?;
+    Ok(AppState {
+        config: Arc::new(config),
+        db,
+        tokens,
+        wake: Wake::new(),
+        metrics: crate::metrics::handle(),
+        shutdown,
+    })
+}
+
+/// Serves on `listener` until `shutdown` is cancelled: then stops accepting, ends
+/// long-polls (they answer with what they have), waits for in-flight requests and the
+/// background tasks, and returns.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    let state = state(config, shutdown.clone())?;
+    let cfg = state.config.clone();
+    let db = state.db.clone();
+    match db.meta().await {
+        Ok(m) => tracing::info!(location = %cfg.location, instance_id = %m.instance_id, backend = db.backend().name(), "serving pull area"),
+        Err(e) => tracing::warn!(location = %cfg.location, error = %e, "branch database not ready; serving 503 until it is"),
+    }
+    let tasks = vec![
+        tokio::spawn(state.wake.clone().run(db.clone(), shutdown.clone())),
+        tokio::spawn(crate::ticker::run(db.clone(), cfg.tick_interval, shutdown.clone())),
+        tokio::spawn(crate::prune::run(db.clone(), cfg.retention, cfg.prune_interval, shutdown.clone())),
+    ];
+    let addr = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+    tracing::info!(%addr, "listening");
+    let token = shutdown.clone();
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await
+        .map_err(|e| Error::Io(format!("http server: {e}")))?;
+    shutdown.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    db.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
