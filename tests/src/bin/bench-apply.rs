@@ -1,0 +1,504 @@
+//! Benchmark: HQ catch-up of a change backlog, against its peers in the same run.
+//!
+//! Workload W (PEERS.md), scaled to `--changes` row changes: inserts, then updates of
+//! those rows, then deletes (ratio 200 : 200 : 20), in branch transactions of 100 rows.
+//! - **ours**: W split over `--locations` SQLite branches with the pull-area triggers
+//!   (`branch-listener install --with-demo-schema`), 46 real `branch-listener`
+//!   processes, then `hq-puller pull --all` timed from start to caught up. Peak RSS of
+//!   hq-puller is sampled from /proc while it runs; idle RSS from `hq-puller run` with
+//!   every location caught up.
+//! - **logical replication**: W in one PostgreSQL database published to another
+//!   database of the same cluster; the subscription is enabled once the backlog exists
+//!   and timed until it has confirmed the source's WAL position.
+//! - **COPY** (the floor): the W end state's rows plus the deleted ones (as many rows as
+//!   ours applies after collapsing) COPYed into a table shaped like `hq.products`.
+//!
+//! Reproduce: cargo run --release -p tests --bin bench-apply -- [--changes 1000000] [--locations 46] [--reps 3]
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection, Executor, PgConnection, SqliteConnection};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Clone)]
+struct Args {
+    /// Total row changes in the backlog.
+    #[arg(long, default_value_t = 1_000_000)]
+    changes: u64,
+    /// Branch locations the backlog is spread over.
+    #[arg(long, default_value_t = 46)]
+    locations: usize,
+    /// Repetitions (medians reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Folder with the release binaries (default: next to this executable).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Skip the peers (logical replication, COPY).
+    #[arg(long)]
+    no_peers: bool,
+    /// Measure only the peers (logical replication, COPY).
+    #[arg(long)]
+    peers_only: bool,
+}
+
+/// W's shape for `changes` row changes: (inserts, updates, deletes).
+fn shape(changes: u64) -> (u64, u64, u64) {
+    let unit = changes / 420;
+    let ins = unit * 200;
+    let del = unit * 20;
+    (ins, changes - ins - del, del)
+}
+
+fn bin_dir(args: &Args) -> PathBuf {
+    args.bin_dir.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .expect("current exe")
+            .parent()
+            .expect("exe folder")
+            .to_path_buf()
+    })
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+fn sqlite_opts(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+}
+
+/// Runs W's share `(ins, upd, del)` on one SQLite branch, 100 rows per transaction.
+async fn sqlite_workload(db: &Path, (ins, upd, del): (u64, u64, u64)) -> Result<()> {
+    let mut c = SqliteConnection::connect_with(&sqlite_opts(db)).await?;
+    let ins_sql = "INSERT INTO products (product_id, sku, name, description, category, unit_price, currency, updated_at) \
+                   WITH RECURSIVE s(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM s WHERE i < ?2) \
+                   SELECT i, printf('SKU-%08d', i), 'Product ' || i, 'A sturdy product for everyday use', \
+                          'hardware', 19.99, 'EUR', '2026-11-24 08:00:00' FROM s";
+    let upd_sql =
+        "UPDATE products SET unit_price = unit_price + 1, updated_at = '2026-11-24 08:00:01' \
+                   WHERE product_id BETWEEN ?1 AND ?2";
+    let del_sql = "DELETE FROM products WHERE product_id BETWEEN ?1 AND ?2";
+    for (sql, n) in [(ins_sql, ins), (upd_sql, upd), (del_sql, del)] {
+        // Updates wrap around the inserted rows when there are more updates than rows.
+        let mut done = 0u64;
+        while done < n {
+            let k = 100.min(n - done);
+            let start = (done % ins.max(1)) as i64;
+            let end = (start + k as i64 - 1).min(ins as i64 - 1);
+            let mut tx = c.begin().await?;
+            sqlx::query(sql)
+                .bind(start)
+                .bind(end)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            done += (end - start + 1) as u64;
+        }
+    }
+    Ok(())
+}
+
+struct Branches {
+    _dir: tempfile::TempDir,
+    listeners: Vec<Child>,
+    hq_config: PathBuf,
+}
+
+impl Drop for Branches {
+    fn drop(&mut self) {
+        for c in &mut self.listeners {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn wait_healthy(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    while Instant::now() < deadline {
+        if let Ok(r) = reqwest::get(&url).await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("listener on port {port} not healthy within 30 s")
+}
+
+/// Creates the branches with their backlog, starts their listeners, writes the HQ config.
+async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
+    let bins = bin_dir(args);
+    let dir = tempfile::tempdir()?;
+    let (ins, upd, del) = shape(args.changes);
+    let n = args.locations as u64;
+    let token = "bench-token-0123456789abcdef";
+    let mut listeners = Vec::new();
+    let mut hq = format!(
+        "database_url = \"{hq_url}\"\nschedule = \"0 0 0 1 1 *\"\nmax_concurrent_pulls = 8\n\
+         files_dir = \"{}\"\nbatch_limit = 20000\nrun_budget = \"1h\"\n",
+        dir.path().join("hq-files").display()
+    );
+    let hq_token = dir.path().join("hq-token");
+    write_private(&hq_token, token)?;
+    let mut ports = Vec::new();
+    for i in 0..args.locations {
+        let loc = format!("b{:02}", i + 1);
+        let db = dir.path().join(format!("{loc}.db"));
+        let cfg = dir.path().join(format!("{loc}.toml"));
+        let tok = dir.path().join(format!("{loc}.token"));
+        write_private(&tok, token)?;
+        let port = free_port()?;
+        std::fs::write(
+            &cfg,
+            format!(
+                "location = \"{loc}\"\ndatabase_url = \"sqlite://{}\"\nlisten = \"127.0.0.1:{port}\"\n\
+                 token_file = \"{}\"\nretention = \"24h\"\n",
+                db.display(),
+                tok.display()
+            ),
+        )?;
+        let st = Command::new(bins.join("branch-listener"))
+            .args(["install", "--config"])
+            .arg(&cfg)
+            .arg("--with-demo-schema")
+            .stdout(Stdio::null())
+            .status()
+            .context("running branch-listener install")?;
+        if !st.success() {
+            bail!("branch-listener install failed for {loc}");
+        }
+        // Share of W for this branch (the remainder goes to the first branches).
+        let share = |x: u64| x / n + u64::from((i as u64) < x % n);
+        sqlite_workload(&db, (share(ins), share(upd), share(del))).await?;
+        let child = Command::new(bins.join("branch-listener"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        listeners.push(child);
+        ports.push(port);
+        hq.push_str(&format!(
+            "\n[[locations]]\nid = \"{loc}\"\nname = \"{loc}\"\nurl = \"http://127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
+            hq_token.display()
+        ));
+    }
+    for p in ports {
+        wait_healthy(p).await?;
+    }
+    let hq_config = dir.path().join("hq.toml");
+    std::fs::write(&hq_config, hq)?;
+    Ok(Branches {
+        _dir: dir,
+        listeners,
+        hq_config,
+    })
+}
+
+/// Peak RSS (VmHWM) of a running process in KiB, if readable.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+struct Ours {
+    seconds: f64,
+    peak_rss_mib: f64,
+    idle_rss_mib: f64,
+}
+
+async fn run_ours(args: &Args) -> Result<Ours> {
+    let hq_url = tests::pg::fresh_database("bench_apply_hq").await?;
+    let b = prepare_ours(args, &hq_url).await?;
+    let puller = bin_dir(args).join("hq-puller");
+    let st = Command::new(&puller)
+        .args(["migrate", "--config"])
+        .arg(&b.hq_config)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("hq-puller migrate failed");
+    }
+    let t0 = Instant::now();
+    let mut child = Command::new(&puller)
+        .args(["pull", "--all", "--config"])
+        .arg(&b.hq_config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let mut peak = 0u64;
+    let status = loop {
+        if let Some(kib) = peak_rss_kib(pid) {
+            peak = peak.max(kib);
+        }
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let seconds = t0.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("hq-puller pull --all failed");
+    }
+    // Sanity: HQ holds W's end state.
+    let mut hq = PgConnection::connect(&hq_url).await?;
+    let (ins, _, del) = shape(args.changes);
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM hq.products_live")
+        .fetch_one(&mut hq)
+        .await?;
+    if live as u64 != ins - del {
+        bail!("HQ has {live} live products, expected {}", ins - del);
+    }
+    // Idle: the service with every location caught up, schedule every 10 s.
+    let idle_cfg = std::fs::read_to_string(&b.hq_config)?.replace(
+        "schedule = \"0 0 0 1 1 *\"",
+        "schedule = \"*/10 * * * * *\"",
+    );
+    let idle_path = b.hq_config.with_file_name("hq-idle.toml");
+    std::fs::write(&idle_path, idle_cfg)?;
+    let mut svc = Command::new(&puller)
+        .args(["run", "--config"])
+        .arg(&idle_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(25)).await; // measurement window, not synchronization
+    let idle = rss_kib(svc.id()).unwrap_or(0);
+    let _ = svc.kill();
+    let _ = svc.wait();
+    Ok(Ours {
+        seconds,
+        peak_rss_mib: peak as f64 / 1024.0,
+        idle_rss_mib: idle as f64 / 1024.0,
+    })
+}
+
+const PEER_TABLE: &str = "CREATE TABLE products (product_id bigint PRIMARY KEY, sku text, name text, \
+     description text, category text, unit_price numeric(12,2), currency text, updated_at timestamptz)";
+
+/// W on the server side of a PostgreSQL database, 100 rows per transaction.
+fn pg_workload_sql((ins, upd, del): (u64, u64, u64)) -> Vec<String> {
+    vec![
+        format!(
+            "DO $$ BEGIN FOR i IN 0..{n} LOOP \
+               INSERT INTO products VALUES (i, 'SKU-' || lpad(i::text, 8, '0'), 'Product ' || i, \
+               'A sturdy product for everyday use', 'hardware', 19.99, 'EUR', now()); \
+               IF i % 100 = 99 THEN COMMIT; END IF; END LOOP; END $$",
+            n = ins - 1
+        ),
+        format!(
+            "DO $$ BEGIN FOR j IN 0..{n} LOOP \
+               UPDATE products SET unit_price = unit_price + 1, updated_at = now() WHERE product_id = j % {ins}; \
+               IF j % 100 = 99 THEN COMMIT; END IF; END LOOP; END $$",
+            n = upd - 1
+        ),
+        format!(
+            "DO $$ BEGIN FOR i IN 0..{n} LOOP \
+               DELETE FROM products WHERE product_id = i; \
+               IF i % 100 = 99 THEN COMMIT; END IF; END LOOP; END $$",
+            n = del - 1
+        ),
+    ]
+}
+
+async fn run_logical(args: &Args) -> Result<f64> {
+    let src_url = tests::pg::fresh_database("bench_lr_src").await?;
+    let dst_url = tests::pg::fresh_database("bench_lr_dst").await?;
+    let mut src = PgConnection::connect(&src_url).await?;
+    let mut dst = PgConnection::connect(&dst_url).await?;
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+    let slot = format!("bench_{tag}");
+    src.execute(PEER_TABLE).await?;
+    dst.execute(PEER_TABLE).await?;
+    src.execute(format!("CREATE PUBLICATION pub_{tag} FOR TABLE products").as_str())
+        .await?;
+    // Same cluster: the slot must be created outside CREATE SUBSCRIPTION.
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(&slot)
+        .execute(&mut src)
+        .await?;
+    let src_db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut src)
+        .await?;
+    let port: i32 = sqlx::query_scalar("SELECT current_setting('port')::int")
+        .fetch_one(&mut src)
+        .await?;
+    dst.execute(
+        format!(
+            "CREATE SUBSCRIPTION sub_{tag} CONNECTION 'host=127.0.0.1 port={port} dbname={src_db} user=postgres' \
+             PUBLICATION pub_{tag} WITH (create_slot = false, slot_name = '{slot}', enabled = false, copy_data = false)"
+        )
+        .as_str(),
+    )
+    .await?;
+    for s in pg_workload_sql(shape(args.changes)) {
+        src.execute(s.as_str()).await?;
+    }
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&mut src)
+        .await?;
+    let t0 = Instant::now();
+    dst.execute(format!("ALTER SUBSCRIPTION sub_{tag} ENABLE").as_str())
+        .await?;
+    loop {
+        let done: bool = sqlx::query_scalar(
+            "SELECT coalesce(confirmed_flush_lsn >= $2::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&slot)
+        .bind(&target)
+        .fetch_one(&mut src)
+        .await?;
+        if done {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(1800) {
+            bail!("logical replication did not catch up in 30 min");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (ins, _, del) = shape(args.changes);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+        .fetch_one(&mut dst)
+        .await?;
+    if n as u64 != ins - del {
+        bail!(
+            "logical replication target has {n} rows, expected {}",
+            ins - del
+        );
+    }
+    dst.execute(format!("ALTER SUBSCRIPTION sub_{tag} DISABLE").as_str())
+        .await?;
+    dst.execute(format!("ALTER SUBSCRIPTION sub_{tag} SET (slot_name = NONE)").as_str())
+        .await?;
+    dst.execute(format!("DROP SUBSCRIPTION sub_{tag}").as_str())
+        .await?;
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&slot)
+        .execute(&mut src)
+        .await?;
+    Ok(secs)
+}
+
+/// COPY of as many rows as ours applies after collapsing (one image per key).
+async fn run_copy(args: &Args) -> Result<(f64, u64)> {
+    let url = tests::pg::fresh_database("bench_copy").await?;
+    let mut c = PgConnection::connect(&url).await?;
+    c.execute(
+        "CREATE TABLE products (location_id text, product_id bigint, sku text, name text, description text, \
+         category text, unit_price numeric(12,2), currency text, updated_at timestamptz, _seq bigint, \
+         _deleted boolean, _applied_at timestamptz, PRIMARY KEY (location_id, product_id))",
+    )
+    .await?;
+    let (ins, _, _) = shape(args.changes);
+    let mut data = String::with_capacity(ins as usize * 120);
+    for i in 0..ins {
+        data.push_str(&format!(
+            "b{:02}\t{i}\tSKU-{i:08}\tProduct {i}\tA sturdy product for everyday use\thardware\t20.99\tEUR\t2026-11-24 08:00:01+00\t{i}\tf\t2026-11-24 08:00:02+00\n",
+            i % 46 + 1
+        ));
+    }
+    let t0 = Instant::now();
+    let mut copy = c.copy_in_raw("COPY products FROM STDIN").await?;
+    copy.send(data.as_bytes()).await?;
+    copy.finish().await?;
+    Ok((t0.elapsed().as_secs_f64(), ins))
+}
+
+fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let (ins, upd, del) = shape(args.changes);
+    println!(
+        "bench-apply: backlog of {} changes ({ins} inserts, {upd} updates, {del} deletes; 100-row transactions) over {} locations, {} repetitions",
+        ins + upd + del,
+        args.locations,
+        args.reps
+    );
+    let total = (ins + upd + del) as f64;
+    let mut ours = Vec::new();
+    let mut lr = Vec::new();
+    let mut copy = Vec::new();
+    let mut copy_rows = 0;
+    for rep in 0..args.reps {
+        if !args.peers_only {
+            eprintln!("repetition {}: ours", rep + 1);
+            ours.push(run_ours(&args).await.context("ours")?);
+        }
+        if !args.no_peers {
+            eprintln!("repetition {}: logical replication", rep + 1);
+            lr.push(run_logical(&args).await.context("logical replication")?);
+            eprintln!("repetition {}: COPY", rep + 1);
+            let (s, n) = run_copy(&args).await.context("COPY")?;
+            copy.push(s);
+            copy_rows = n;
+        }
+    }
+    println!("| measurement | median | min–max |");
+    println!("|---|---|---|");
+    let rate = |secs: Vec<f64>, n: f64| {
+        let (m, lo, hi) = median(secs);
+        (n / m, n / hi, n / lo)
+    };
+    if !ours.is_empty() {
+        let (m, lo, hi) = rate(ours.iter().map(|o| o.seconds).collect(), total);
+        println!("| ours: hq-puller pull --all, changes/s | {m:.0} | {lo:.0}–{hi:.0} |");
+    }
+    if !args.no_peers {
+        let (m, lo, hi) = rate(lr, total);
+        println!("| PostgreSQL logical replication, changes/s | {m:.0} | {lo:.0}–{hi:.0} |");
+        let (m, lo, hi) = rate(copy, copy_rows as f64);
+        println!("| COPY of the applied rows (floor), rows/s | {m:.0} | {lo:.0}–{hi:.0} |");
+    }
+    if !ours.is_empty() {
+        let (m, lo, hi) = median(ours.iter().map(|o| o.peak_rss_mib).collect());
+        println!("| hq-puller peak RSS while catching up, MiB | {m:.1} | {lo:.1}–{hi:.1} |");
+        let (m, lo, hi) = median(ours.iter().map(|o| o.idle_rss_mib).collect());
+        println!(
+            "| hq-puller RSS idle ({} locations, 10 s schedule), MiB | {m:.1} | {lo:.1}–{hi:.1} |",
+            args.locations
+        );
+    }
+    println!(
+        "reproduce: cargo build --release --workspace --bins && target/release/bench-apply --changes {} --locations {} --reps {}",
+        args.changes, args.locations, args.reps
+    );
+    Ok(())
+}
