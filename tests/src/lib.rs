@@ -1,5 +1,15 @@
 //! Test tooling shared by every crate's tests, the benchmarks and the quickstart.
 //!
 //! - [`pg`]: the throwaway PostgreSQL cluster (`tests/pg.sh`) and a fresh database per test.
+//! - [`db`]: one handle over SQLite and PostgreSQL branch databases.
+//! - [`workload`]: the product-management workload (`pm-sim seed` / `pm-sim run`).
+//! - [`compare`]: the oracle: one location at HQ against its branch database.
+//! - [`process`]: spawning, waiting for, signalling and restarting real processes.
+//! - [`fleet`]: branches (database + `branch-listener`) and HQ (`hq-puller`) as test objects.
 
+pub mod compare;
+pub mod db;
+pub mod fleet;
 pub mod pg;
+pub mod process;
+pub mod workload;

@@ -48,7 +48,10 @@ pub fn admin_url() -> Result<String> {
 /// Replaces the database name of a PostgreSQL URL.
 pub fn with_database(url: &str, db: &str) -> String {
     let (base, _) = url.rsplit_once('/').expect("URL has a path");
-    let query = url.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let query = url
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     format!("{base}/{db}{query}")
 }
 
@@ -57,7 +60,9 @@ pub async fn fresh_database(prefix: &str) -> Result<String> {
     let admin = admin_url()?;
     let name = format!(
         "{}_{}",
-        prefix.to_ascii_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+        prefix
+            .to_ascii_lowercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
     let mut conn = PgConnection::connect(&admin)
@@ -88,7 +93,10 @@ mod tests {
         let b = fresh_database("harness").await.unwrap();
         assert_ne!(a, b);
         let mut c = PgConnection::connect(&a).await.unwrap();
-        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut c).await.unwrap();
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
         assert_eq!(one, 1);
     }
 }

@@ -1,0 +1,475 @@
+//! Branches and HQ as test objects: each branch is a database (SQLite file or
+//! PostgreSQL database) plus a `branch-listener` process on a loopback port; HQ is a
+//! PostgreSQL database plus `hq-puller`. Configs and token files (mode 0600) are written
+//! into a folder of the test, following the documented config contracts.
+
+use crate::compare::{compare, LocationReport};
+use crate::process::{
+    binary, free_port, port_open, random_token, run_to_end, wait_for, write_private, Proc,
+};
+use anyhow::{bail, Context, Result};
+use schemas::wire::StatusResponse;
+use schemas::{Catalogue, Cursor};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Settings of a branch beyond its location and database.
+#[derive(Debug, Clone)]
+pub struct BranchOptions {
+    pub time_zone: String,
+    pub tick_interval: String,
+}
+
+impl Default for BranchOptions {
+    fn default() -> Self {
+        BranchOptions {
+            time_zone: "UTC".into(),
+            tick_interval: "1s".into(),
+        }
+    }
+}
+
+/// One branch: its database and its listener.
+pub struct BranchNode {
+    pub location: String,
+    pub database_url: String,
+    pub time_zone: String,
+    pub port: u16,
+    token: String,
+    pub config: PathBuf,
+    /// The token file HQ reads for this location (same token, HQ's copy).
+    pub hq_token_file: PathBuf,
+    pub files_dir: PathBuf,
+    pub log: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl BranchNode {
+    /// Writes the branch's config and token files under `dir/<location>/`.
+    pub fn new(
+        dir: &Path,
+        location: &str,
+        database_url: &str,
+        opts: &BranchOptions,
+    ) -> Result<BranchNode> {
+        let home = dir.join(location);
+        std::fs::create_dir_all(&home)?;
+        let port = free_port()?;
+        let token = random_token();
+        let token_file = home.join("token");
+        write_private(&token_file, &format!("{token}\n"))?;
+        let hq_token_file = dir.join("hq-tokens").join(location);
+        write_private(&hq_token_file, &format!("{token}\n"))?;
+        let files_dir = home.join("files");
+        std::fs::create_dir_all(&files_dir)?;
+        let config = home.join("branch-listener.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "location = {loc:?}\n\
+                 database_url = {db:?}\n\
+                 listen = \"127.0.0.1:{port}\"\n\
+                 token_file = {tf:?}\n\
+                 time_zone = {tz:?}\n\
+                 files_dir = {fd:?}\n\
+                 tick_interval = {ti:?}\n\
+                 log_format = \"text\"\n",
+                loc = location,
+                db = database_url,
+                tf = token_file.display().to_string(),
+                tz = opts.time_zone,
+                fd = files_dir.display().to_string(),
+                ti = opts.tick_interval,
+            ),
+        )?;
+        Ok(BranchNode {
+            location: location.to_string(),
+            database_url: database_url.to_string(),
+            time_zone: opts.time_zone.clone(),
+            port,
+            token,
+            config,
+            hq_token_file,
+            files_dir,
+            log: home.join("branch-listener.log"),
+            proc: None,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn config_arg(&self) -> String {
+        self.config.display().to_string()
+    }
+
+    /// `branch-listener install --config FILE [--with-demo-schema]`.
+    pub async fn install(&self, with_demo_schema: bool) -> Result<()> {
+        let cfg = self.config_arg();
+        let mut args = vec!["install", "--config", cfg.as_str()];
+        if with_demo_schema {
+            args.push("--with-demo-schema");
+        }
+        run_to_end(
+            &binary("branch-listener")?,
+            &args,
+            &[],
+            Duration::from_secs(60),
+        )
+        .await
+        .with_context(|| format!("installing branch {}", self.location))?;
+        Ok(())
+    }
+
+    /// Starts (or restarts) `branch-listener serve` and waits until `/healthz` answers.
+    pub async fn start(&mut self) -> Result<()> {
+        let cfg = self.config_arg();
+        match self.proc.as_mut() {
+            Some(p) => p.start()?,
+            None => {
+                self.proc = Some(Proc::spawn(
+                    &format!("branch-listener {}", self.location),
+                    &binary("branch-listener")?,
+                    &["--config", cfg.as_str(), "serve"],
+                    &[],
+                    &self.log,
+                )?)
+            }
+        }
+        self.wait_healthy(Duration::from_secs(30)).await
+    }
+
+    pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let url = format!("{}/healthz", self.url());
+        let client = reqwest::Client::new();
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse()?;
+        let r = wait_for(&format!("{url} to answer 200"), timeout, || {
+            let client = client.clone();
+            let url = url.clone();
+            let exited = self.proc.as_mut().and_then(Proc::exit_status);
+            async move {
+                if let Some(st) = exited {
+                    bail!("branch-listener exited ({st})");
+                }
+                if !port_open(addr) {
+                    return Ok(None);
+                }
+                let r = client
+                    .get(&url)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await?;
+                Ok(r.status().is_success().then_some(()))
+            }
+        })
+        .await;
+        r.map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\n--- {} log tail ---\n{}",
+                self.location,
+                self.log_tail(40)
+            )
+        })
+    }
+
+    /// `GET /v1/status` with the branch's token.
+    pub async fn status(&self, client: &reqwest::Client) -> Result<StatusResponse> {
+        let r = client
+            .get(format!("{}/v1/status", self.url()))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!(
+                "{}: /v1/status answered {}: {}",
+                self.location,
+                r.status(),
+                r.text().await?
+            );
+        }
+        Ok(r.json().await?)
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        crate::process::log_tail(&self.log, lines)
+    }
+
+    pub fn kill9(&mut self) -> Result<()> {
+        match self.proc.as_mut() {
+            Some(p) => p.kill9(),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(p) = self.proc.as_mut() {
+            p.terminate(Duration::from_secs(10)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// HQ: its database and `hq-puller`.
+pub struct Hq {
+    pub database_url: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub pool: PgPool,
+    pub proc: Option<Proc>,
+}
+
+/// Settings of HQ's config.
+#[derive(Debug, Clone)]
+pub struct HqOptions {
+    pub schedule: String,
+    pub max_concurrent_pulls: u32,
+    pub run_budget: String,
+    pub request_timeout: String,
+    pub batch_limit: u32,
+}
+
+impl Default for HqOptions {
+    fn default() -> Self {
+        HqOptions {
+            schedule: "* * * * * *".into(),
+            max_concurrent_pulls: 8,
+            run_budget: "20s".into(),
+            request_timeout: "5s".into(),
+            batch_limit: 5000,
+        }
+    }
+}
+
+impl Hq {
+    /// Writes HQ's config (one `[[locations]]` entry per branch) into `dir`.
+    pub async fn new(
+        dir: &Path,
+        database_url: &str,
+        opts: &HqOptions,
+        branches: &[&BranchNode],
+    ) -> Result<Hq> {
+        let files = dir.join("hq-files");
+        std::fs::create_dir_all(&files)?;
+        let mut text = format!(
+            "database_url = {db:?}\n\
+             schedule = {s:?}\n\
+             max_concurrent_pulls = {m}\n\
+             files_dir = {f:?}\n\
+             run_budget = {rb:?}\n\
+             request_timeout = {rt:?}\n\
+             connect_timeout = \"2s\"\n\
+             batch_limit = {bl}\n\
+             log_format = \"text\"\n",
+            db = database_url,
+            s = opts.schedule,
+            m = opts.max_concurrent_pulls,
+            f = files.display().to_string(),
+            rb = opts.run_budget,
+            rt = opts.request_timeout,
+            bl = opts.batch_limit,
+        );
+        for b in branches {
+            text.push_str(&format!(
+                "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {url:?}\ntoken_file = {tf:?}\n",
+                id = b.location,
+                name = format!("Branch {}", b.location),
+                url = b.url(),
+                tf = b.hq_token_file.display().to_string(),
+            ));
+        }
+        let config = dir.join("hq-puller.toml");
+        std::fs::write(&config, text)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(database_url)
+            .await
+            .context("connecting to the HQ database")?;
+        Ok(Hq {
+            database_url: database_url.to_string(),
+            config,
+            log: dir.join("hq-puller.log"),
+            pool,
+            proc: None,
+        })
+    }
+
+    fn config_arg(&self) -> String {
+        self.config.display().to_string()
+    }
+
+    /// Runs an `hq-puller` subcommand to completion and returns its stdout.
+    pub async fn command(&self, args: &[&str]) -> Result<String> {
+        let cfg = self.config_arg();
+        let mut v: Vec<&str> = args.to_vec();
+        v.extend(["--config", cfg.as_str()]);
+        run_to_end(&binary("hq-puller")?, &v, &[], Duration::from_secs(120)).await
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        self.command(&["migrate"]).await.map(|_| ())
+    }
+
+    /// `hq-puller status --json`.
+    pub async fn status_json(&self) -> Result<serde_json::Value> {
+        let out = self.command(&["status", "--json"]).await?;
+        serde_json::from_str(&out).with_context(|| format!("parsing status --json output: {out}"))
+    }
+
+    /// Starts (or restarts) `hq-puller run`.
+    pub fn start(&mut self) -> Result<()> {
+        let cfg = self.config_arg();
+        match self.proc.as_mut() {
+            Some(p) => p.start(),
+            None => {
+                self.proc = Some(Proc::spawn(
+                    "hq-puller",
+                    &binary("hq-puller")?,
+                    &["--config", cfg.as_str(), "run"],
+                    &[],
+                    &self.log,
+                )?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Fails if `hq-puller run` has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        if let Some(p) = self.proc.as_mut() {
+            if let Some(st) = p.exit_status() {
+                bail!(
+                    "hq-puller exited ({st})\n--- hq-puller log tail ---\n{}",
+                    self.log_tail(40)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn kill9(&mut self) -> Result<()> {
+        match self.proc.as_mut() {
+            Some(p) => p.kill9(),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(p) = self.proc.as_mut() {
+            p.terminate(Duration::from_secs(15)).await?;
+        }
+        Ok(())
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        crate::process::log_tail(&self.log, lines)
+    }
+
+    /// HQ's stored cursor for a location (`sync.locations.cursor`).
+    pub async fn cursor(&self, location: &str) -> Result<Option<Cursor>> {
+        let c: Option<Option<String>> =
+            sqlx::query_scalar("SELECT cursor FROM sync.locations WHERE id = $1")
+                .bind(location)
+                .fetch_optional(&self.pool)
+                .await?;
+        match c.flatten() {
+            Some(s) => Ok(Some(s.parse()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// State and last error of a location (`sync.locations`).
+    pub async fn location_state(&self, location: &str) -> Result<Option<(String, Option<String>)>> {
+        Ok(
+            sqlx::query_as("SELECT state, last_error FROM sync.locations WHERE id = $1")
+                .bind(location)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Compares this location at HQ with its branch.
+    pub async fn compare(&self, b: &BranchNode) -> Result<LocationReport> {
+        compare(
+            &self.pool,
+            &Catalogue::product_management(),
+            &b.location,
+            &b.database_url,
+            &b.time_zone,
+        )
+        .await
+    }
+
+    /// Waits until HQ holds exactly what each branch holds: HQ's cursor has reached the
+    /// listener's newest tick and the oracle finds no difference. Call after the
+    /// branches stopped writing. On timeout the error carries the differences and the
+    /// log tails.
+    pub async fn wait_caught_up(
+        &mut self,
+        branches: &[&BranchNode],
+        timeout: Duration,
+    ) -> Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pending: Vec<&BranchNode> = branches.to_vec();
+        let mut last: Vec<String> = Vec::new();
+        loop {
+            self.ensure_running()?;
+            let mut still = Vec::new();
+            last.clear();
+            for b in pending {
+                let head = b.status(&client).await.map(|s| s.head);
+                let cursor = self.cursor(&b.location).await;
+                match (head, cursor) {
+                    (Ok(h), Ok(Some(c))) if c == h => {
+                        let r = self.compare(b).await?;
+                        if r.is_equal() {
+                            continue;
+                        }
+                        last.push(format!("{r}"));
+                    }
+                    (h, c) => last.push(format!(
+                        "{}: listener head {:?}, HQ cursor {:?}",
+                        b.location,
+                        h.map(|x| x.to_string()).map_err(|e| e.to_string()),
+                        c.map(|x| x.map(|x| x.to_string()))
+                            .map_err(|e| e.to_string()),
+                    )),
+                }
+                still.push(b);
+            }
+            pending = still;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                let mut msg = format!(
+                    "HQ did not catch up with {} location(s) within {timeout:?}:\n{}",
+                    pending.len(),
+                    last.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+                );
+                for b in pending.iter().take(3) {
+                    let state = self.location_state(&b.location).await.ok().flatten();
+                    msg.push_str(&format!(
+                        "\n--- {} (HQ state {state:?}) listener log tail ---\n{}",
+                        b.location,
+                        b.log_tail(20)
+                    ));
+                }
+                msg.push_str(&format!(
+                    "\n--- hq-puller log tail ---\n{}",
+                    self.log_tail(40)
+                ));
+                bail!(msg);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
