@@ -338,6 +338,24 @@ mod tests {
     }
 
     #[test]
+    fn env_overrides_and_unknown_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "database_url = \"postgres://x@h/db\"\nbatch_limit = 5\n",
+            )?;
+            jail.set_env("HQ_BATCH_LIMIT", "7");
+            jail.set_env("HQ_PULLER_CONFIG", "c.toml");
+            let c = Config::load(Path::new("c.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(c.batch_limit, 7);
+            jail.set_env("HQ_COLOUR", "red");
+            let e = Config::load(Path::new("c.toml")).unwrap_err().to_string();
+            assert!(e.contains("colour"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn location_ids() {
         assert!(valid_location_id("b01"));
         assert!(valid_location_id("berlin-mitte_2"));

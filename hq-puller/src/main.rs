@@ -154,7 +154,8 @@ async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, 
             let reports = hq_puller::pull_once(&app, &targets).await?;
             let mut failed = false;
             for r in &reports {
-                failed |= r.failed();
+                // A paused location that was not pulled is not caught up either.
+                failed |= r.failed() || r.outcome == "skipped";
                 println!(
                     "{}: {} changes in {} batches, {}{}",
                     r.location,

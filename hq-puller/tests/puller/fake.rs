@@ -118,7 +118,9 @@ impl Branch {
         let after: Option<Cursor> = match after.map(str::parse) {
             None => None,
             Some(Ok(c)) => Some(c),
-            Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_request", "malformed cursor"),
+            Some(Err(_)) => {
+                return error(StatusCode::BAD_REQUEST, "bad_request", "malformed cursor")
+            }
         };
         let t = match &after {
             None => 1,
@@ -126,7 +128,10 @@ impl Branch {
                 if c.instance_id != self.instance {
                     return error(StatusCode::CONFLICT, "instance_mismatch", "other instance");
                 }
-                if c.tick < 1 || c.tick as usize > self.ticks.len() || self.ticks[(c.tick - 1) as usize] != c.tick_uuid {
+                if c.tick < 1
+                    || c.tick as usize > self.ticks.len()
+                    || self.ticks[(c.tick - 1) as usize] != c.tick_uuid
+                {
                     return error(StatusCode::CONFLICT, "lineage_mismatch", "unknown tick");
                 }
                 c.tick
@@ -150,7 +155,11 @@ impl Branch {
                     ts: chrono::Utc::now(),
                 })
                 .collect();
-            (changes, self.cursor(t + 1), self.endless || w + 1 < self.windows.len())
+            (
+                changes,
+                self.cursor(t + 1),
+                self.endless || w + 1 < self.windows.len(),
+            )
         };
         let backlog: usize = self.windows.iter().skip(w + 1).map(Vec::len).sum();
         let mut resp = ChangesResponse {
@@ -258,7 +267,9 @@ async fn handler(
     let now = counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let _guard = InFlight(counters);
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {TOKEN}")) {
+    if headers.get("authorization").and_then(|v| v.to_str().ok())
+        != Some(&format!("Bearer {TOKEN}"))
+    {
         return error(StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized");
     }
     let (behaviour, delay) = fake.with(&loc, |b| (b.behaviour, b.delay));

@@ -50,7 +50,9 @@ async fn hq(locations: &[(&str, &str)], extra: &str) -> Hq {
     let config = dir.path().join("config.toml");
     std::fs::write(&config, toml).unwrap();
     let settings = config::load(&config).unwrap();
-    let app = App::connect(settings.clone(), CancellationToken::new()).await.unwrap();
+    let app = App::connect(settings.clone(), CancellationToken::new())
+        .await
+        .unwrap();
     hq_puller::migrate(&app).await.unwrap();
     Hq {
         dir,
@@ -122,17 +124,55 @@ fn pk(id: i64) -> String {
 async fn applies_batches_and_redelivery_changes_nothing() {
     let branch = Branch::new("b01")
         .window(vec![
-            ch(1, "products", "I", &pk(1), Some(&product(1, "10.00", "one"))),
-            ch(2, "products", "I", &pk(2), Some(&product(2, "20.00", "two"))),
-            ch(3, "inventory", "I", &pk(1), Some(r#"{"product_id":1,"quantity_on_hand":7,"reorder_level":2,"updated_at":null}"#)),
+            ch(
+                1,
+                "products",
+                "I",
+                &pk(1),
+                Some(&product(1, "10.00", "one")),
+            ),
+            ch(
+                2,
+                "products",
+                "I",
+                &pk(2),
+                Some(&product(2, "20.00", "two")),
+            ),
+            ch(
+                3,
+                "inventory",
+                "I",
+                &pk(1),
+                Some(
+                    r#"{"product_id":1,"quantity_on_hand":7,"reorder_level":2,"updated_at":null}"#,
+                ),
+            ),
         ])
         .window(vec![
-            ch(4, "products", "U", &pk(1), Some(&product(1, "11.50", "one v2"))),
+            ch(
+                4,
+                "products",
+                "U",
+                &pk(1),
+                Some(&product(1, "11.50", "one v2")),
+            ),
             ch(5, "products", "D", &pk(2), None),
         ])
         .window(vec![
-            ch(6, "products", "I", &pk(3), Some(&product(3, "1.00", "three"))),
-            ch(7, "products", "U", &pk(3), Some(&product(3, "3.00", "three v2"))),
+            ch(
+                6,
+                "products",
+                "I",
+                &pk(3),
+                Some(&product(3, "1.00", "three")),
+            ),
+            ch(
+                7,
+                "products",
+                "U",
+                &pk(3),
+                Some(&product(3, "3.00", "three v2")),
+            ),
         ]);
     let (fake, base) = Fake::start(vec![branch]).await;
     let hq = hq(&[("b01", &base)], "").await;
@@ -151,7 +191,10 @@ async fn applies_batches_and_redelivery_changes_nothing() {
     .unwrap();
     assert_eq!(
         live,
-        vec![(1, "one v2".into(), "11.50".into()), (3, "three v2".into(), "3.00".into())]
+        vec![
+            (1, "one v2".into(), "11.50".into()),
+            (3, "three v2".into(), "3.00".into())
+        ]
     );
     let (deleted, seq): (bool, i64) =
         sqlx::query_as("SELECT _deleted, _seq FROM hq.products WHERE product_id = 2")
@@ -160,10 +203,11 @@ async fn applies_batches_and_redelivery_changes_nothing() {
             .unwrap();
     assert!(deleted);
     assert_eq!(seq, 5);
-    let applied: i64 = sqlx::query_scalar("SELECT applied_changes FROM sync.locations WHERE id='b01'")
-        .fetch_one(hq.pool())
-        .await
-        .unwrap();
+    let applied: i64 =
+        sqlx::query_scalar("SELECT applied_changes FROM sync.locations WHERE id='b01'")
+            .fetch_one(hq.pool())
+            .await
+            .unwrap();
     assert_eq!(applied, 7);
 
     let before_p = snapshot(hq.pool(), "products").await;
@@ -173,20 +217,12 @@ async fn applies_batches_and_redelivery_changes_nothing() {
     let r = pull(&hq, &["b01"]).await;
     assert_eq!((r[0].outcome.as_str(), r[0].totals.batches), ("ok", 0));
 
-    // Redelivery: the same batches delivered again (cursor rewound) change nothing.
+    // Redelivery: the batches delivered again (cursor rewound) change nothing; the first
+    // one alone (older than everything applied) must not roll rows back.
     sqlx::query("UPDATE sync.locations SET cursor = NULL, instance_id = NULL WHERE id = 'b01'")
         .execute(hq.pool())
         .await
         .unwrap();
-    let r = pull(&hq, &["b01"]).await;
-    assert_eq!((r[0].outcome.as_str(), r[0].totals.batches), ("ok", 3));
-    assert_eq!(snapshot(hq.pool(), "products").await, before_p);
-    assert_eq!(snapshot(hq.pool(), "inventory").await, before_i);
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM hq.products").fetch_one(hq.pool()).await.unwrap();
-    assert_eq!(n, 3);
-
-    // A batch applied concurrently by someone else: the stored cursor moved on, the
-    // second apply rolls back and reports it.
     let client = hq.app.client("b01").unwrap();
     let fetched = client.changes(None, 100, None).await.unwrap();
     let expected = hq_puller::validate::Expected {
@@ -194,21 +230,47 @@ async fn applies_batches_and_redelivery_changes_nothing() {
         after: None,
         instance_id: None,
     };
-    let checked = hq_puller::validate::check(&fetched.response, &expected, &hq.settings.catalogue).unwrap();
-    let applied = hq_puller::apply::apply_batch(
-        hq.pool(),
-        &hq.settings.catalogue,
-        &hq.app.statements,
-        "b01",
-        &fetched.response,
-        &checked,
-    )
-    .await
-    .unwrap();
-    assert_eq!(applied, hq_puller::apply::Applied::AlreadyApplied);
+    let apply_first = || async {
+        let checked =
+            hq_puller::validate::check(&fetched.response, &expected, &hq.settings.catalogue)
+                .unwrap();
+        hq_puller::apply::apply_batch(
+            hq.pool(),
+            &hq.settings.catalogue,
+            &hq.app.statements,
+            "b01",
+            &fetched.response,
+            &checked,
+        )
+        .await
+        .unwrap()
+    };
+    assert!(matches!(
+        apply_first().await,
+        hq_puller::apply::Applied::Committed { rows: 0 }
+    ));
+    assert_eq!(snapshot(hq.pool(), "products").await, before_p);
+    assert_eq!(snapshot(hq.pool(), "inventory").await, before_i);
+    assert_eq!(cursor_tick(hq.pool(), "b01").await, 2);
+    let r = pull(&hq, &["b01"]).await;
+    assert_eq!((r[0].outcome.as_str(), r[0].totals.batches), ("ok", 2));
+    assert_eq!(snapshot(hq.pool(), "products").await, before_p);
+    assert_eq!(snapshot(hq.pool(), "inventory").await, before_i);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM hq.products")
+        .fetch_one(hq.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+
+    // The same batch applied again by a second process: the stored cursor moved on, the
+    // apply rolls back and reports it.
+    assert_eq!(
+        apply_first().await,
+        hq_puller::apply::Applied::AlreadyApplied
+    );
     assert_eq!(snapshot(hq.pool(), "products").await, before_p);
     assert_eq!(cursor_tick(hq.pool(), "b01").await, 4);
-    assert!(fake.requests("b01") >= 8);
+    assert_eq!(fake.requests("b01"), 7);
 }
 
 // 2 ------------------------------------------------------------------------------------
@@ -216,18 +278,53 @@ async fn applies_batches_and_redelivery_changes_nothing() {
 #[tokio::test]
 async fn stale_changes_never_win_and_tombstones_stay() {
     let branch = Branch::new("b02")
-        .window(vec![ch(50, "products", "U", &pk(10), Some(&product(10, "5.00", "new")))])
-        .window(vec![ch(40, "products", "U", &pk(10), Some(&product(10, "4.00", "stale")))])
+        .window(vec![ch(
+            50,
+            "products",
+            "U",
+            &pk(10),
+            Some(&product(10, "5.00", "new")),
+        )])
+        .window(vec![ch(
+            40,
+            "products",
+            "U",
+            &pk(10),
+            Some(&product(10, "4.00", "stale")),
+        )])
         .window(vec![ch(60, "products", "D", &pk(11), None)])
-        .window(vec![ch(55, "products", "U", &pk(11), Some(&product(11, "9.00", "zombie")))])
+        .window(vec![ch(
+            55,
+            "products",
+            "U",
+            &pk(11),
+            Some(&product(11, "9.00", "zombie")),
+        )])
         .window(vec![
-            ch(80, "products", "I", &pk(12), Some(&product(12, "8.00", "newest"))),
-            ch(70, "products", "U", &pk(12), Some(&product(12, "7.00", "older"))),
+            ch(
+                80,
+                "products",
+                "I",
+                &pk(12),
+                Some(&product(12, "8.00", "newest")),
+            ),
+            ch(
+                70,
+                "products",
+                "U",
+                &pk(12),
+                Some(&product(12, "7.00", "older")),
+            ),
         ]);
     let (_fake, base) = Fake::start(vec![branch]).await;
     let hq = hq(&[("b02", &base)], "").await;
     let r = pull(&hq, &["b02"]).await;
-    assert_eq!((r[0].outcome.as_str(), r[0].totals.batches), ("ok", 5), "{:?}", r[0]);
+    assert_eq!(
+        (r[0].outcome.as_str(), r[0].totals.batches),
+        ("ok", 5),
+        "{:?}",
+        r[0]
+    );
 
     let rows: Vec<(i64, Option<String>, Option<String>, i64, bool)> = sqlx::query_as(
         "SELECT product_id, name, unit_price::text, _seq, _deleted FROM hq.products ORDER BY product_id",
@@ -243,10 +340,11 @@ async fn stale_changes_never_win_and_tombstones_stay() {
             (12, Some("newest".into()), Some("8.00".into()), 80, false),
         ]
     );
-    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM hq.products_live WHERE product_id = 11")
-        .fetch_one(hq.pool())
-        .await
-        .unwrap();
+    let live: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM hq.products_live WHERE product_id = 11")
+            .fetch_one(hq.pool())
+            .await
+            .unwrap();
     assert_eq!(live, 0);
 }
 
@@ -254,25 +352,70 @@ async fn stale_changes_never_win_and_tombstones_stay() {
 
 #[tokio::test]
 async fn hostile_batches_pause_only_their_location() {
-    let good = || ch(1, "inventory", "I", &pk(1), Some(r#"{"product_id":1,"quantity_on_hand":1}"#));
-    let mk = |id: &str, bad: Vec<fake::FakeChange>| Branch::new(id).window(vec![good()]).window(bad);
+    let good = || {
+        ch(
+            1,
+            "inventory",
+            "I",
+            &pk(1),
+            Some(r#"{"product_id":1,"quantity_on_hand":1}"#),
+        )
+    };
+    let mk =
+        |id: &str, bad: Vec<fake::FakeChange>| Branch::new(id).window(vec![good()]).window(bad);
     let mut tampered_loc = Branch::new("h_loc").window(vec![good()]).window(vec![]);
-    tampered_loc.tamper = Some((1, Arc::new(|r: &mut schemas::wire::ChangesResponse| r.location = "zz".into())));
-    let mut backwards = Branch::new("h_back").window(vec![good()]).window(vec![]).window(vec![]);
-    backwards.tamper = Some((1, Arc::new(|r: &mut schemas::wire::ChangesResponse| {
-        let after = r.after.unwrap();
-        r.next = schemas::Cursor { tick: after.tick - 1, ..after };
-        r.changes = serde_json::from_str(r#"[{"seq":9,"table":"inventory","op":"D","pk":{"product_id":1},"row":null,"ts":"2026-01-01T00:00:00Z"}]"#).unwrap();
-    })));
+    tampered_loc.tamper = Some((
+        1,
+        Arc::new(|r: &mut schemas::wire::ChangesResponse| r.location = "zz".into()),
+    ));
+    let mut backwards = Branch::new("h_back")
+        .window(vec![good()])
+        .window(vec![])
+        .window(vec![]);
+    backwards.tamper = Some((
+        1,
+        Arc::new(|r: &mut schemas::wire::ChangesResponse| {
+            let after = r.after.unwrap();
+            r.next = schemas::Cursor {
+                tick: after.tick - 1,
+                ..after
+            };
+            r.changes = serde_json::from_str(r#"[{"seq":9,"table":"inventory","op":"D","pk":{"product_id":1},"row":null,"ts":"2026-01-01T00:00:00Z"}]"#).unwrap();
+        }),
+    ));
     let cases: Vec<(Branch, &str)> = vec![
-        (mk("h_table", vec![ch(2, "secrets", "D", &pk(1), None)]), "unknown table \"secrets\""),
         (
-            mk("h_col", vec![ch(2, "inventory", "U", &pk(1), Some(r#"{"product_id":1,"drop_me":1}"#))]),
+            mk("h_table", vec![ch(2, "secrets", "D", &pk(1), None)]),
+            "unknown table \"secrets\"",
+        ),
+        (
+            mk(
+                "h_col",
+                vec![ch(
+                    2,
+                    "inventory",
+                    "U",
+                    &pk(1),
+                    Some(r#"{"product_id":1,"drop_me":1}"#),
+                )],
+            ),
             "unknown column inventory.drop_me",
         ),
-        (mk("h_pk", vec![ch(2, "inventory", "D", r#"{"sku":"x"}"#, None)]), "pk of table inventory"),
         (
-            mk("h_dup", vec![ch(2, "inventory", "D", &pk(1), None), ch(2, "inventory", "D", &pk(2), None)]),
+            mk(
+                "h_pk",
+                vec![ch(2, "inventory", "D", r#"{"sku":"x"}"#, None)],
+            ),
+            "pk of table inventory",
+        ),
+        (
+            mk(
+                "h_dup",
+                vec![
+                    ch(2, "inventory", "D", &pk(1), None),
+                    ch(2, "inventory", "D", &pk(2), None),
+                ],
+            ),
             "duplicate seq 2",
         ),
         (tampered_loc, "batch is for location \"zz\""),
@@ -284,22 +427,37 @@ async fn hostile_batches_pause_only_their_location() {
     let mut healthy = Branch::new("healthy");
     healthy.grow = true;
     let (healthy_fake, good_base) = Fake::start(vec![healthy]).await;
-    let mut locs: Vec<(&str, &str)> = ids.iter().map(|i| (i.as_str(), bad_base.as_str())).collect();
+    let mut locs: Vec<(&str, &str)> = ids
+        .iter()
+        .map(|i| (i.as_str(), bad_base.as_str()))
+        .collect();
     locs.push(("healthy", &good_base));
     let hq = hq(&locs, "").await;
 
     let mut all: Vec<&str> = ids.iter().map(String::as_str).collect();
     all.push("healthy");
+    let metrics = hq_puller::metrics::install().unwrap();
     let reports = pull(&hq, &all).await;
     for (i, id) in ids.iter().enumerate() {
         let r = reports.iter().find(|r| &r.location == id).unwrap();
         assert_eq!(r.outcome, "paused", "{id}: {r:?}");
-        assert_eq!(r.totals.batches, 1, "{id}: the good batch before the bad one applied");
+        assert_eq!(
+            r.totals.batches, 1,
+            "{id}: the good batch before the bad one applied"
+        );
         let (state, cursor, reason) = loc_row(hq.pool(), id).await;
         assert_eq!(state, "paused", "{id}");
         let reason = reason.unwrap_or_default();
-        assert!(reason.contains(expect[i]), "{id}: reason {reason:?} lacks {:?}", expect[i]);
-        assert_eq!(cursor.unwrap().parse::<schemas::Cursor>().unwrap().tick, 2, "{id}: cursor moved");
+        assert!(
+            reason.contains(expect[i]),
+            "{id}: reason {reason:?} lacks {:?}",
+            expect[i]
+        );
+        assert_eq!(
+            cursor.unwrap().parse::<schemas::Cursor>().unwrap().tick,
+            2,
+            "{id}: cursor moved"
+        );
         let (outcome, err): (String, Option<String>) = sqlx::query_as(
             "SELECT outcome, error FROM sync.runs WHERE location_id = $1 ORDER BY run_id DESC LIMIT 1",
         )
@@ -312,6 +470,16 @@ async fn hostile_batches_pause_only_their_location() {
     }
     let h = reports.iter().find(|r| r.location == "healthy").unwrap();
     assert_eq!(h.outcome, "ok");
+    let text = metrics.render();
+    for needle in [
+        "hq_puller_applied_changes_total{location=\"healthy\"}",
+        "hq_puller_errors_total{location=\"h_table\",kind=\"permanent\"} 1",
+        "hq_puller_location_state{location=\"h_table\",state=\"paused\"} 1",
+        "hq_puller_apply_duration_seconds_bucket{location=\"healthy\"",
+        "hq_puller_pull_duration_seconds_bucket{location=\"h_pk\"",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
     let t1 = cursor_tick(hq.pool(), "healthy").await;
     assert!(t1 >= 2);
 
@@ -329,9 +497,15 @@ async fn hostile_batches_pause_only_their_location() {
 
     // The operator fixes the branch and resumes: it applies again.
     _bad_fake.with("h_dup", |b| {
-        b.tamper = Some((1, Arc::new(|r: &mut schemas::wire::ChangesResponse| r.changes.truncate(1))))
+        b.tamper = Some((
+            1,
+            Arc::new(|r: &mut schemas::wire::ChangesResponse| r.changes.truncate(1)),
+        ))
     });
-    assert_eq!(hq_puller::store::resume(hq.pool(), "h_dup").await.unwrap(), "paused");
+    assert_eq!(
+        hq_puller::store::resume(hq.pool(), "h_dup").await.unwrap(),
+        "paused"
+    );
     let r = pull(&hq, &["h_dup"]).await;
     assert_eq!(r[0].outcome, "ok", "{:?}", r[0]);
     assert_eq!(cursor_tick(hq.pool(), "h_dup").await, 3);
@@ -360,7 +534,15 @@ async fn values_arrive_exactly() {
     assert_eq!(r[0].outcome, "paused");
     assert_eq!(r[0].totals.batches, 1);
 
-    type Row = (String, String, String, Option<String>, Option<String>, String, String);
+    type Row = (
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        String,
+        String,
+    );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT product_id::text, sku, name, description, category, unit_price::text, \
            to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') \
@@ -392,17 +574,24 @@ async fn values_arrive_exactly() {
             ),
         ]
     );
-    let inv: (String, String) = sqlx::query_as("SELECT quantity_on_hand::text, reorder_level::text FROM hq.inventory")
-        .fetch_one(hq.pool())
-        .await
-        .unwrap();
-    assert_eq!(inv, ("9223372036854775807".into(), "-9223372036854775808".into()));
+    let inv: (String, String) =
+        sqlx::query_as("SELECT quantity_on_hand::text, reorder_level::text FROM hq.inventory")
+            .fetch_one(hq.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        inv,
+        ("9223372036854775807".into(), "-9223372036854775808".into())
+    );
 
     // 1.234 does not fit numeric(12,2): paused, column named, nothing rounded.
     let (state, _, reason) = loc_row(hq.pool(), "b04").await;
     assert_eq!(state, "paused");
     let reason = reason.unwrap();
-    assert!(reason.contains("products.unit_price") && reason.contains("1.234"), "{reason}");
+    assert!(
+        reason.contains("products.unit_price") && reason.contains("1.234"),
+        "{reason}"
+    );
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM hq.products WHERE product_id = 5")
         .fetch_one(hq.pool())
         .await
@@ -444,17 +633,38 @@ fn check_config_names_each_problem() {
 
     let (code, out, err) = check_config(dir.path(), &format!("{head}{}", loc("b01", "", &good)));
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("b01") && out.matches("T").count() >= 3, "{out}");
+    assert!(
+        out.contains("b01") && out.matches("T").count() >= 3,
+        "{out}"
+    );
 
     let cases = [
-        (format!("{head}colour = \"red\"\n{}", loc("b01", "", &good)), "colour"),
-        (format!("{head}{}", loc("b01", "sched = \"x\"", &good)), "sched"),
-        (format!("{head}{}{}", loc("b01", "", &good), loc("b01", "", &good)), "duplicate location id \"b01\""),
-        (format!("{head}{}", loc("b01", "schedule = \"*/5 * * *\"", &good)), "invalid cron expression \"*/5 * * *\""),
-        (format!("{head}{}", loc("b01", "", &dir.path().join("missing"))), "missing"),
+        (
+            format!("{head}colour = \"red\"\n{}", loc("b01", "", &good)),
+            "colour",
+        ),
+        (
+            format!("{head}{}", loc("b01", "sched = \"x\"", &good)),
+            "sched",
+        ),
+        (
+            format!("{head}{}{}", loc("b01", "", &good), loc("b01", "", &good)),
+            "duplicate location id \"b01\"",
+        ),
+        (
+            format!("{head}{}", loc("b01", "schedule = \"*/5 * * *\"", &good)),
+            "invalid cron expression \"*/5 * * *\"",
+        ),
+        (
+            format!("{head}{}", loc("b01", "", &dir.path().join("missing"))),
+            "missing",
+        ),
         (format!("{head}{}", loc("b01", "", &open)), "chmod 600"),
         (format!("{head}{}", loc("B 01", "", &good)), "id must match"),
-        (format!("{head}{}", loc("b01", "", &good)).replace("http://127.0.0.1:7070", "ftp://x"), "url"),
+        (
+            format!("{head}{}", loc("b01", "", &good)).replace("http://127.0.0.1:7070", "ftp://x"),
+            "url",
+        ),
     ];
     for (toml, needle) in cases {
         let (code, _, err) = check_config(dir.path(), &toml);
@@ -492,25 +702,41 @@ async fn a_hanging_and_a_failing_branch_do_not_stop_a_healthy_one() {
     })
     .await;
     for (f, id) in [(&fake_ok, "ok1"), (&fake_bad, "hang"), (&fake_bad, "e500")] {
-        assert_eq!(f.counters(id).max_in_flight.load(Ordering::SeqCst), 1, "{id} overlapped");
+        assert_eq!(
+            f.counters(id).max_in_flight.load(Ordering::SeqCst),
+            1,
+            "{id} overlapped"
+        );
     }
-    assert_eq!(fake_bad.requests("hang"), 1, "the hanging run blocks only its own location");
-    let err: Option<String> = sqlx::query_scalar("SELECT last_error FROM sync.locations WHERE id='e500'")
-        .fetch_one(hq.pool())
-        .await
-        .unwrap();
+    assert_eq!(
+        fake_bad.requests("hang"),
+        1,
+        "the hanging run blocks only its own location"
+    );
+    let err: Option<String> =
+        sqlx::query_scalar("SELECT last_error FROM sync.locations WHERE id='e500'")
+            .fetch_one(hq.pool())
+            .await
+            .unwrap();
     assert!(err.unwrap().contains("HTTP 500"));
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), svc).await.unwrap().unwrap().unwrap();
-    let running: i64 = sqlx::query_scalar("SELECT count(*) FROM sync.runs WHERE outcome = 'running'")
-        .fetch_one(hq.pool())
+    tokio::time::timeout(Duration::from_secs(30), svc)
         .await
+        .unwrap()
+        .unwrap()
         .unwrap();
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sync.runs WHERE outcome = 'running'")
+            .fetch_one(hq.pool())
+            .await
+            .unwrap();
     assert_eq!(running, 0);
-    let interrupted: i64 = sqlx::query_scalar("SELECT count(*) FROM sync.runs WHERE location_id = 'hang' AND outcome = 'interrupted'")
-        .fetch_one(hq.pool())
-        .await
-        .unwrap();
+    let interrupted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sync.runs WHERE location_id = 'hang' AND outcome = 'interrupted'",
+    )
+    .fetch_one(hq.pool())
+    .await
+    .unwrap();
     assert_eq!(interrupted, 1);
 }
 
@@ -542,11 +768,16 @@ async fn forty_six_cron_jobs_keep_firing_under_load() {
     .await;
     stop.cancel();
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), svc).await.unwrap().unwrap().unwrap();
-    let fired: i64 = sqlx::query_scalar("SELECT count(*) FROM sync.locations WHERE last_fired_at IS NOT NULL")
-        .fetch_one(hq.pool())
+    tokio::time::timeout(Duration::from_secs(30), svc)
         .await
+        .unwrap()
+        .unwrap()
         .unwrap();
+    let fired: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sync.locations WHERE last_fired_at IS NOT NULL")
+            .fetch_one(hq.pool())
+            .await
+            .unwrap();
     assert_eq!(fired, 46);
 }
 
@@ -559,7 +790,11 @@ async fn sigterm_during_a_run_exits_cleanly_at_a_batch_boundary() {
     b.endless = true;
     b.delay = Duration::from_millis(200);
     let (_fake, base) = Fake::start(vec![b]).await;
-    let hq = hq(&[("b07", &base)], "schedule = \"* * * * * *\"\nrun_budget = \"1h\"").await;
+    let hq = hq(
+        &[("b07", &base)],
+        "schedule = \"* * * * * *\"\nrun_budget = \"1h\"",
+    )
+    .await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hq-puller"))
         .args(["run", "--config"])
         .arg(&hq.config)
@@ -567,17 +802,27 @@ async fn sigterm_during_a_run_exits_cleanly_at_a_batch_boundary() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    eventually(60, "three batches applied", || async { cursor_tick(hq.pool(), "b07").await >= 4 }).await;
+    eventually(60, "three batches applied", || async {
+        cursor_tick(hq.pool(), "b07").await >= 4
+    })
+    .await;
     let pid = child.id().unwrap();
-    let st = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "{status:?}");
     let tick = cursor_tick(hq.pool(), "b07").await;
-    let (n, max): (i64, Option<i64>) = sqlx::query_as("SELECT count(*), max(product_id) FROM hq.inventory")
-        .fetch_one(hq.pool())
-        .await
-        .unwrap();
+    let (n, max): (i64, Option<i64>) =
+        sqlx::query_as("SELECT count(*), max(product_id) FROM hq.inventory")
+            .fetch_one(hq.pool())
+            .await
+            .unwrap();
     // Window k (tick k -> k+1) inserts product k: the cursor names exactly the rows applied.
     assert_eq!(n, tick - 1);
     assert_eq!(max, Some(tick - 1));
@@ -593,7 +838,7 @@ async fn sigterm_during_a_run_exits_cleanly_at_a_batch_boundary() {
 
 // 8 ------------------------------------------------------------------------------------
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_lists_every_location() {
     let mut good = Branch::new("s_ok");
     good.grow = true;
@@ -607,7 +852,11 @@ async fn status_json_lists_every_location() {
         .env_remove("HQ_PULLER_CONFIG")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 2);
@@ -622,8 +871,14 @@ async fn status_json_lists_every_location() {
     let bad = get("s_bad");
     assert_eq!(bad["state"], "paused");
     assert!(bad["cursor"].is_null());
-    assert!(bad["last_error"].as_str().unwrap().contains("unknown table \"nope\""));
-    assert!(bad["paused_reason"].as_str().unwrap().contains("unknown table"));
+    assert!(bad["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown table \"nope\""));
+    assert!(bad["paused_reason"]
+        .as_str()
+        .unwrap()
+        .contains("unknown table"));
     assert_eq!(bad["last_run_outcome"], "paused");
 
     // The table form names the same.
@@ -633,7 +888,24 @@ async fn status_json_lists_every_location() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("s_bad") && text.contains("paused") && text.contains("tick 2"), "{text}");
+    assert!(
+        text.contains("s_bad") && text.contains("paused") && text.contains("tick 2"),
+        "{text}"
+    );
+
+    // A one-shot pull of everything reports the paused location and exits 1.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hq-puller"))
+        .args(["pull", "--all", "--config"])
+        .arg(&hq.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("s_bad: 0 changes in 0 batches, skipped"),
+        "{text}"
+    );
+    assert!(text.contains("s_ok: 1 changes in 1 batches, ok"), "{text}");
 
     // resume via the CLI
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hq-puller"))
