@@ -338,6 +338,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure signature
     fn env_overrides_and_unknown_keys() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

@@ -326,7 +326,8 @@ async fn stale_changes_never_win_and_tombstones_stay() {
         r[0]
     );
 
-    let rows: Vec<(i64, Option<String>, Option<String>, i64, bool)> = sqlx::query_as(
+    type Row = (i64, Option<String>, Option<String>, i64, bool);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT product_id, name, unit_price::text, _seq, _deleted FROM hq.products ORDER BY product_id",
     )
     .fetch_all(hq.pool())
