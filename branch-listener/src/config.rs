@@ -148,7 +148,10 @@ impl Config {
         if self.listen_addr().is_err() {
             return Err(Error::config(
                 "listen",
-                format!("{:?} is not a socket address like 0.0.0.0:7070", self.listen),
+                format!(
+                    "{:?} is not a socket address like 0.0.0.0:7070",
+                    self.listen
+                ),
             ));
         }
         self.tokens()?;
@@ -161,7 +164,10 @@ impl Config {
         if !tz_ok {
             return Err(Error::config(
                 "time_zone",
-                format!("{:?} is not an IANA zone name like Europe/Berlin", self.time_zone),
+                format!(
+                    "{:?} is not an IANA zone name like Europe/Berlin",
+                    self.time_zone
+                ),
             ));
         }
         self.catalogue()?;
@@ -174,7 +180,11 @@ impl Config {
         if self.max_limit == 0 || self.max_limit > schemas::wire::MAX_LIMIT {
             return Err(Error::config(
                 "max_limit",
-                format!("{} must be between 1 and {}", self.max_limit, schemas::wire::MAX_LIMIT),
+                format!(
+                    "{} must be between 1 and {}",
+                    self.max_limit,
+                    schemas::wire::MAX_LIMIT
+                ),
             ));
         }
         if self.max_wait > Duration::from_secs(u64::from(schemas::wire::MAX_WAIT_SECONDS)) {
@@ -298,9 +308,10 @@ mod tests {
                 .to_string();
             assert!(e.contains(&format!("`{key}`")), "{k}: {e}");
         }
-        let e = Config::from_figment(base(d.path()).merge(Serialized::default("retention", "soon")))
-            .unwrap_err()
-            .to_string();
+        let e =
+            Config::from_figment(base(d.path()).merge(Serialized::default("retention", "soon")))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("retention"), "{e}");
         let e = Config::from_figment(base(d.path()).merge(Serialized::default("bogus", 1)))
             .unwrap_err()

@@ -13,7 +13,7 @@ pub enum Db {
     Sqlite {
         pool: SqlitePool,
         /// Kept to open the dedicated `PRAGMA data_version` connection of the wake task.
-        options: SqliteConnectOptions,
+        options: Box<SqliteConnectOptions>,
     },
     Postgres(PgPool),
 }
@@ -40,12 +40,14 @@ impl Db {
                     .max_connections(4)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
                     .connect_lazy_with(options.clone());
-                Ok(Db::Sqlite { pool, options })
+                Ok(Db::Sqlite {
+                    pool,
+                    options: Box::new(options),
+                })
             }
             Backend::Postgres => {
-                let options = PgConnectOptions::from_str(&config.database_url).map_err(|_| {
-                    Error::config("database_url", "not a valid PostgreSQL URL")
-                })?;
+                let options = PgConnectOptions::from_str(&config.database_url)
+                    .map_err(|_| Error::config("database_url", "not a valid PostgreSQL URL"))?;
                 let pool = PgPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(ACQUIRE_TIMEOUT)

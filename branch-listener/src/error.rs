@@ -29,7 +29,9 @@ pub enum Error {
     LineageMismatch(String),
     #[error("{0}")]
     Pruned(String),
-    #[error("the pull area is not installed in the branch database (run: branch-listener install)")]
+    #[error(
+        "the pull area is not installed in the branch database (run: branch-listener install)"
+    )]
     NotInstalled,
     #[error("install: {0}")]
     Install(String),
@@ -75,7 +77,9 @@ impl Error {
     /// The message a client sees: never database text.
     fn public_message(&self) -> String {
         match self {
-            Error::Unavailable(_) => "the branch database is unreachable or busy; retry later".into(),
+            Error::Unavailable(_) => {
+                "the branch database is unreachable or busy; retry later".into()
+            }
             Error::Database(_) | Error::Io(_) | Error::Install(_) | Error::Config { .. } => {
                 "internal error; see the listener's log".into()
             }

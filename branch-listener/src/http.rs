@@ -59,7 +59,10 @@ pub fn app(state: AppState) -> Router {
         .merge(protected)
         .layer(middleware::from_fn(count_requests))
         .layer(CompressionLayer::new().gzip(true).zstd(true))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .with_state(state)
 }
@@ -110,14 +113,20 @@ pub struct ChangesParams {
 pub fn parse_params(q: &HashMap<String, String>, config: &Config) -> Result<ChangesParams> {
     let after = match q.get("after").map(String::as_str) {
         None | Some("") => None,
-        Some(s) => Some(s.parse::<Cursor>().map_err(|e| Error::BadRequest(format!("after: {e}")))?),
+        Some(s) => Some(
+            s.parse::<Cursor>()
+                .map_err(|e| Error::BadRequest(format!("after: {e}")))?,
+        ),
     };
     let max = config.max_limit.min(wire::MAX_LIMIT);
     let (limit, limit_clamped) = match q.get("limit") {
         None => (wire::DEFAULT_LIMIT.min(max), false),
         Some(s) => {
             let n: u64 = s.parse().map_err(|_| {
-                Error::BadRequest(format!("limit: {:?} is not a positive integer", truncate(s)))
+                Error::BadRequest(format!(
+                    "limit: {:?} is not a positive integer",
+                    truncate(s)
+                ))
             })?;
             if n == 0 {
                 return Err(Error::BadRequest("limit: must be at least 1".into()));
@@ -137,7 +146,10 @@ pub fn parse_params(q: &HashMap<String, String>, config: &Config) -> Result<Chan
                 .ok()
                 .filter(|v: &f64| v.is_finite() && *v >= 0.0)
                 .ok_or_else(|| {
-                    Error::BadRequest(format!("wait: {:?} is not a number of seconds >= 0", truncate(s)))
+                    Error::BadRequest(format!(
+                        "wait: {:?} is not a number of seconds >= 0",
+                        truncate(s)
+                    ))
                 })?;
             Duration::from_secs_f64(secs.min(config.max_wait.as_secs_f64()))
         }
@@ -277,7 +289,8 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         Ok(f) => {
             metrics::gauge!(m::PULL_AREA_DEPTH).set(f.depth as f64);
             metrics::gauge!(m::UNACKED_CHANGES).set(f.unacked as f64);
-            metrics::gauge!(m::OLDEST_UNACKED_AGE_SECONDS).set(f.oldest_unacked_age_seconds.unwrap_or(0.0));
+            metrics::gauge!(m::OLDEST_UNACKED_AGE_SECONDS)
+                .set(f.oldest_unacked_age_seconds.unwrap_or(0.0));
             metrics::gauge!(m::HEAD_SEQ).set(f.head_seq as f64);
         }
         Err(e) => tracing::debug!(error = %e, "metrics: pull-area figures unavailable"),
@@ -312,7 +325,10 @@ mod tests {
     }
 
     fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -329,12 +345,19 @@ mod tests {
     #[test]
     fn bad_parameters_are_named() {
         let c = config();
-        for (k, v) in [("limit", "-1"), ("limit", "0"), ("wait", "soon"), ("after", "x:y")] {
+        for (k, v) in [
+            ("limit", "-1"),
+            ("limit", "0"),
+            ("wait", "soon"),
+            ("after", "x:y"),
+        ] {
             let e = parse_params(&q(&[(k, v)]), &c).unwrap_err();
             assert!(matches!(e, Error::BadRequest(_)));
             assert!(e.to_string().starts_with(k), "{e}");
         }
-        let e = parse_params(&q(&[("after", "x:y")]), &c).unwrap_err().to_string();
+        let e = parse_params(&q(&[("after", "x:y")]), &c)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("wrong number of parts"), "{e}");
     }
 }

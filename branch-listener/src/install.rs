@@ -53,7 +53,10 @@ fn check_columns(table: &schemas::Table, present: &BTreeSet<String>) -> Result<(
     if present.is_empty() {
         return Err(missing_table(&table.name));
     }
-    let missing: Vec<&str> = table.column_names().filter(|c| !present.contains(*c)).collect();
+    let missing: Vec<&str> = table
+        .column_names()
+        .filter(|c| !present.contains(*c))
+        .collect();
     if !missing.is_empty() {
         return Err(Error::Install(format!(
             "table {:?} lacks catalogue column(s) {}",
@@ -84,12 +87,13 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                 }
             }
             for t in &catalogue.tables {
-                let cols: BTreeSet<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?1)")
-                    .bind(&t.name)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .collect();
+                let cols: BTreeSet<String> =
+                    sqlx::query_scalar("SELECT name FROM pragma_table_info(?1)")
+                        .bind(&t.name)
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .into_iter()
+                        .collect();
                 check_columns(t, &cols)?;
             }
             let installed: bool = sqlx::query_scalar(
@@ -108,15 +112,23 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                     sqlx::query_as(&format!("SELECT key, value FROM {}", sq::META))
                         .fetch_all(&mut *tx)
                         .await?;
-                let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-                match get("instance_id").and_then(|s| Uuid::parse_str(&s).ok()) {
-                    Some(id) => Some((
-                        id,
-                        get("pull_area_version").and_then(|v| v.parse().ok()).unwrap_or(0),
-                        get("catalogue_fingerprint").unwrap_or_default(),
-                    )),
-                    None => None,
-                }
+                let get = |k: &str| {
+                    pairs
+                        .iter()
+                        .find(|(key, _)| key == k)
+                        .map(|(_, v)| v.clone())
+                };
+                get("instance_id")
+                    .and_then(|s| Uuid::parse_str(&s).ok())
+                    .map(|id| {
+                        (
+                            id,
+                            get("pull_area_version")
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0),
+                            get("catalogue_fingerprint").unwrap_or_default(),
+                        )
+                    })
             } else {
                 None
             };
@@ -132,7 +144,9 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                         Outcome::Unchanged { instance_id }
                     } else {
                         for name in &triggers {
-                            sqlx::query(&sq::drop_trigger(name)).execute(&mut *tx).await?;
+                            sqlx::query(&sq::drop_trigger(name))
+                                .execute(&mut *tx)
+                                .await?;
                         }
                         for t in &catalogue.tables {
                             for s in sq::create_triggers(t) {
@@ -158,9 +172,14 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                 }
                 None => {
                     for name in &triggers {
-                        sqlx::query(&sq::drop_trigger(name)).execute(&mut *tx).await?;
+                        sqlx::query(&sq::drop_trigger(name))
+                            .execute(&mut *tx)
+                            .await?;
                     }
-                    for s in sq::drop_pull_area().into_iter().chain(sq::create_pull_area()) {
+                    for s in sq::drop_pull_area()
+                        .into_iter()
+                        .chain(sq::create_pull_area())
+                    {
                         sqlx::query(&s).execute(&mut *tx).await?;
                     }
                     let instance_id = Uuid::new_v4();
@@ -174,11 +193,14 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                     .fetch_one(&mut *tx)
                     .await?;
                     for (k, v) in meta_rows(instance_id, &fingerprint, tick) {
-                        sqlx::query(&format!("INSERT INTO {} (key, value) VALUES (?1, ?2)", sq::META))
-                            .bind(k)
-                            .bind(v)
-                            .execute(&mut *tx)
-                            .await?;
+                        sqlx::query(&format!(
+                            "INSERT INTO {} (key, value) VALUES (?1, ?2)",
+                            sq::META
+                        ))
+                        .bind(k)
+                        .bind(v)
+                        .execute(&mut *tx)
+                        .await?;
                     }
                     for t in &catalogue.tables {
                         for s in sq::create_triggers(t) {
@@ -214,17 +236,27 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                 .fetch_one(&mut *tx)
                 .await?;
             let existing = if installed {
-                let pairs: Vec<(String, String)> = sqlx::query_as("SELECT key, value FROM pull.meta")
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-                get("instance_id").and_then(|s| Uuid::parse_str(&s).ok()).map(|id| {
-                    (
-                        id,
-                        get("pull_area_version").and_then(|v| v.parse().ok()).unwrap_or(0),
-                        get("catalogue_fingerprint").unwrap_or_default(),
-                    )
-                })
+                let pairs: Vec<(String, String)> =
+                    sqlx::query_as("SELECT key, value FROM pull.meta")
+                        .fetch_all(&mut *tx)
+                        .await?;
+                let get = |k: &str| {
+                    pairs
+                        .iter()
+                        .find(|(key, _)| key == k)
+                        .map(|(_, v)| v.clone())
+                };
+                get("instance_id")
+                    .and_then(|s| Uuid::parse_str(&s).ok())
+                    .map(|id| {
+                        (
+                            id,
+                            get("pull_area_version")
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0),
+                            get("catalogue_fingerprint").unwrap_or_default(),
+                        )
+                    })
             } else {
                 None
             };
@@ -233,13 +265,17 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                 .await?
                 .into_iter()
                 .collect();
-            let expected: BTreeSet<String> = catalogue.tables.iter().map(|t| t.name.clone()).collect();
+            let expected: BTreeSet<String> =
+                catalogue.tables.iter().map(|t| t.name.clone()).collect();
             let capture_stmts: Vec<String> = captured
                 .difference(&expected)
                 .flat_map(|t| {
                     [
                         format!("DROP TRIGGER IF EXISTS {} ON {}", pg::TRIGGER_NAME, q(t)),
-                        format!("DROP FUNCTION IF EXISTS pull.{}()", q(&format!("capture_{t}"))),
+                        format!(
+                            "DROP FUNCTION IF EXISTS pull.{}()",
+                            q(&format!("capture_{t}"))
+                        ),
                     ]
                 })
                 .chain(catalogue.tables.iter().flat_map(pg::create_capture))
@@ -271,7 +307,10 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                 }
                 None => {
                     let tables: Vec<String> = captured.iter().cloned().collect();
-                    for s in pg::drop_pull_area(&tables).into_iter().chain(pg::create_pull_area()) {
+                    for s in pg::drop_pull_area(&tables)
+                        .into_iter()
+                        .chain(pg::create_pull_area())
+                    {
                         sqlx::query(&s).execute(&mut *tx).await?;
                     }
                     let instance_id = Uuid::new_v4();
@@ -309,7 +348,11 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
     Ok(outcome)
 }
 
-fn meta_rows(instance_id: Uuid, fingerprint: &str, install_tick: i64) -> Vec<(&'static str, String)> {
+fn meta_rows(
+    instance_id: Uuid,
+    fingerprint: &str,
+    install_tick: i64,
+) -> Vec<(&'static str, String)> {
     vec![
         ("instance_id", instance_id.to_string()),
         ("pull_area_version", PULL_AREA_VERSION.to_string()),
@@ -324,7 +367,9 @@ pub async fn uninstall(db: &Db) -> Result<bool> {
     let found = match db {
         Db::Sqlite { pool, .. } => {
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-            let triggers: Vec<String> = sqlx::query_scalar(sq::LIST_TRIGGERS).fetch_all(&mut *tx).await?;
+            let triggers: Vec<String> = sqlx::query_scalar(sq::LIST_TRIGGERS)
+                .fetch_all(&mut *tx)
+                .await?;
             let tables: i64 = sqlx::query_scalar(&format!(
                 "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('{}', '{}', '{}')",
                 sq::CHANGES,
@@ -334,7 +379,9 @@ pub async fn uninstall(db: &Db) -> Result<bool> {
             .fetch_one(&mut *tx)
             .await?;
             for name in &triggers {
-                sqlx::query(&sq::drop_trigger(name)).execute(&mut *tx).await?;
+                sqlx::query(&sq::drop_trigger(name))
+                    .execute(&mut *tx)
+                    .await?;
             }
             for s in sq::drop_pull_area() {
                 sqlx::query(&s).execute(&mut *tx).await?;

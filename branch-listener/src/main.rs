@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(version, about = "Branch side of branch-to-HQ replication: captures changes and serves them to HQ")]
+#[command(
+    version,
+    about = "Branch side of branch-to-HQ replication: captures changes and serves them to HQ"
+)]
 struct Cli {
     /// Configuration file.
     #[arg(long, global = true, env = "BRANCH_LISTENER_CONFIG", default_value = config::DEFAULT_PATH)]
@@ -55,7 +58,11 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("branch-listener: {e}");
             tracing::error!(error = %e, "exiting");
-            ExitCode::from(if matches!(e, Error::Config { .. }) { 2 } else { 1 })
+            ExitCode::from(if matches!(e, Error::Config { .. }) {
+                2
+            } else {
+                1
+            })
         }
     }
 }

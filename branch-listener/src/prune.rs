@@ -30,7 +30,9 @@ pub async fn prune_once(db: &Db, retention: Duration) -> Result<Pruned> {
         return Ok(Pruned::default());
     }
     let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-    let cutoff = Utc::now().checked_sub_signed(retention).unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+    let cutoff = Utc::now()
+        .checked_sub_signed(retention)
+        .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
     let mut out = Pruned::default();
     match db {
         Db::Sqlite { pool, .. } => {
@@ -106,7 +108,11 @@ pub async fn prune_once(db: &Db, retention: Duration) -> Result<Pruned> {
     }
     if out.changes > 0 || out.ticks > 0 {
         metrics::counter!(crate::metrics::PRUNED_CHANGES_TOTAL).increment(out.changes);
-        tracing::info!(changes = out.changes, ticks = out.ticks, "pruned acknowledged history");
+        tracing::info!(
+            changes = out.changes,
+            ticks = out.ticks,
+            "pruned acknowledged history"
+        );
     }
     Ok(out)
 }

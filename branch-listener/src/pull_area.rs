@@ -61,18 +61,28 @@ fn not_installed_or(e: sqlx::Error) -> Error {
 }
 
 fn parse_uuid(s: &str) -> Result<Uuid> {
-    Uuid::parse_str(s).map_err(|_| Error::Database(format!("pull area holds a malformed uuid {s:?}")))
+    Uuid::parse_str(s)
+        .map_err(|_| Error::Database(format!("pull area holds a malformed uuid {s:?}")))
 }
 
 fn raw(text: String) -> Result<Box<RawValue>> {
-    RawValue::from_string(text).map_err(|e| Error::Database(format!("pull area holds malformed JSON: {e}")))
+    RawValue::from_string(text)
+        .map_err(|e| Error::Database(format!("pull area holds malformed JSON: {e}")))
 }
 
-fn change(seq: i64, tbl: String, op: &str, pk: String, row: Option<String>, ts: DateTime<Utc>) -> Result<Change> {
+fn change(
+    seq: i64,
+    tbl: String,
+    op: &str,
+    pk: String,
+    row: Option<String>,
+    ts: DateTime<Utc>,
+) -> Result<Change> {
     Ok(Change {
         seq,
         table: tbl,
-        op: Op::from_code(op).ok_or_else(|| Error::Database(format!("pull area holds unknown op {op:?}")))?,
+        op: Op::from_code(op)
+            .ok_or_else(|| Error::Database(format!("pull area holds unknown op {op:?}")))?,
         pk: raw(pk)?,
         row: row.map(raw).transpose()?,
         ts,
@@ -86,7 +96,12 @@ fn sqlite_ts(s: &str) -> Result<DateTime<Utc>> {
 }
 
 fn meta_from_pairs(pairs: Vec<(String, String)>) -> Result<Meta> {
-    let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
     let instance = get("instance_id").ok_or(Error::NotInstalled)?;
     let int = |k: &str| get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
     Ok(Meta {
@@ -117,10 +132,12 @@ fn tick_from_pg(row: &sqlx::postgres::PgRow) -> Result<Tick> {
 impl Db {
     pub async fn meta(&self) -> Result<Meta> {
         let pairs: Vec<(String, String)> = match self {
-            Db::Sqlite { pool, .. } => sqlx::query_as(&format!("SELECT key, value FROM {}", sq::META))
-                .fetch_all(pool)
-                .await
-                .map_err(not_installed_or)?,
+            Db::Sqlite { pool, .. } => {
+                sqlx::query_as(&format!("SELECT key, value FROM {}", sq::META))
+                    .fetch_all(pool)
+                    .await
+                    .map_err(not_installed_or)?
+            }
             Db::Postgres(pool) => sqlx::query_as("SELECT key, value FROM pull.meta")
                 .fetch_all(pool)
                 .await
@@ -231,16 +248,16 @@ impl Db {
             .as_ref()
             .map(tick_from_sqlite)
             .transpose(),
-            Db::Postgres(pool) => {
-                sqlx::query("SELECT tick_id, tick_uuid, head_seq FROM pull.ticks WHERE tick_id = $1")
-                    .bind(id)
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(not_installed_or)?
-                    .as_ref()
-                    .map(tick_from_pg)
-                    .transpose()
-            }
+            Db::Postgres(pool) => sqlx::query(
+                "SELECT tick_id, tick_uuid, head_seq FROM pull.ticks WHERE tick_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .map_err(not_installed_or)?
+            .as_ref()
+            .map(tick_from_pg)
+            .transpose(),
         }
     }
 

@@ -32,15 +32,30 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let cfg = state.config.clone();
     let db = state.db.clone();
     match db.meta().await {
-        Ok(m) => tracing::info!(location = %cfg.location, instance_id = %m.instance_id, backend = db.backend().name(), "serving pull area"),
-        Err(e) => tracing::warn!(location = %cfg.location, error = %e, "branch database not ready; serving 503 until it is"),
+        Ok(m) => {
+            tracing::info!(location = %cfg.location, instance_id = %m.instance_id, backend = db.backend().name(), "serving pull area")
+        }
+        Err(e) => {
+            tracing::warn!(location = %cfg.location, error = %e, "branch database not ready; serving 503 until it is")
+        }
     }
     let tasks = vec![
         tokio::spawn(state.wake.clone().run(db.clone(), shutdown.clone())),
-        tokio::spawn(crate::ticker::run(db.clone(), cfg.tick_interval, shutdown.clone())),
-        tokio::spawn(crate::prune::run(db.clone(), cfg.retention, cfg.prune_interval, shutdown.clone())),
+        tokio::spawn(crate::ticker::run(
+            db.clone(),
+            cfg.tick_interval,
+            shutdown.clone(),
+        )),
+        tokio::spawn(crate::prune::run(
+            db.clone(),
+            cfg.retention,
+            cfg.prune_interval,
+            shutdown.clone(),
+        )),
     ];
-    let addr = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Io(e.to_string()))?;
     tracing::info!(%addr, "listening");
     let token = shutdown.clone();
     axum::serve(listener, app(state))

@@ -77,7 +77,9 @@ impl Wake {
             Db::Postgres(pool) => loop {
                 let result = async {
                     let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-                    listener.listen(schemas::sql::postgres::NOTIFY_CHANNEL).await?;
+                    listener
+                        .listen(schemas::sql::postgres::NOTIFY_CHANNEL)
+                        .await?;
                     // Anything committed while (re)connecting: let waiters re-check.
                     self.notify();
                     loop {
@@ -101,14 +103,18 @@ impl Wake {
             Db::Sqlite { options, .. } => loop {
                 let result = async {
                     let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
-                    let mut last: i64 = sqlx::query_scalar("PRAGMA data_version").fetch_one(&mut conn).await?;
+                    let mut last: i64 = sqlx::query_scalar("PRAGMA data_version")
+                        .fetch_one(&mut conn)
+                        .await?;
                     loop {
                         if self.waiters.load(Ordering::SeqCst) == 0 {
                             self.waiter_arrived.notified().await;
                             continue;
                         }
                         tokio::time::sleep(SQLITE_POLL).await;
-                        let v: i64 = sqlx::query_scalar("PRAGMA data_version").fetch_one(&mut conn).await?;
+                        let v: i64 = sqlx::query_scalar("PRAGMA data_version")
+                            .fetch_one(&mut conn)
+                            .await?;
                         if v != last {
                             last = v;
                             self.notify();

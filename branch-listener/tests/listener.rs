@@ -1,0 +1,1178 @@
+//! Integration tests of the branch listener against real SQLite files and real
+//! PostgreSQL databases (`tests::pg::fresh_database`), through the real HTTP server.
+
+use anyhow::{anyhow, bail, Context, Result};
+use branch_listener::db::Db;
+use branch_listener::{install, prune, serve, Config};
+use schemas::wire::{ChangesResponse, ErrorBody, Op, StatusResponse};
+use schemas::{Catalogue, Cursor};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Sqlite,
+    Pg,
+}
+
+/// The application's own connections to the branch database (the writers).
+#[derive(Clone)]
+enum AppDb {
+    Sqlite(SqlitePool),
+    Pg(PgPool),
+}
+
+impl AppDb {
+    async fn exec(&self, sql: &str) -> Result<u64> {
+        Ok(match self {
+            AppDb::Sqlite(p) => sqlx::query(sql).execute(p).await?.rows_affected(),
+            AppDb::Pg(p) => sqlx::query(sql).execute(p).await?.rows_affected(),
+        })
+    }
+
+    /// Runs `stmts` in one transaction; waits `delay` before committing (or rolling back).
+    async fn tx(&self, stmts: &[String], commit: bool, delay: Duration) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        match self {
+            AppDb::Sqlite(p) => {
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+                for s in stmts {
+                    out.push(sqlx::query(s).execute(&mut *tx).await?.rows_affected());
+                }
+                tokio::time::sleep(delay).await;
+                if commit {
+                    tx.commit().await?
+                } else {
+                    tx.rollback().await?
+                }
+            }
+            AppDb::Pg(p) => {
+                let mut tx = p.begin().await?;
+                for s in stmts {
+                    out.push(sqlx::query(s).execute(&mut *tx).await?.rows_affected());
+                }
+                tokio::time::sleep(delay).await;
+                if commit {
+                    tx.commit().await?
+                } else {
+                    tx.rollback().await?
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `SELECT key, text` pairs.
+    async fn pairs(&self, sql: &str) -> Result<Vec<(i64, Option<String>)>> {
+        Ok(match self {
+            AppDb::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
+            AppDb::Pg(p) => sqlx::query_as(sql).fetch_all(p).await?,
+        })
+    }
+
+    async fn strings(&self, sql: &str) -> Result<Vec<String>> {
+        Ok(match self {
+            AppDb::Sqlite(p) => sqlx::query_scalar(sql).fetch_all(p).await?,
+            AppDb::Pg(p) => sqlx::query_scalar(sql).fetch_all(p).await?,
+        })
+    }
+}
+
+struct Branch {
+    backend: Backend,
+    dir: tempfile::TempDir,
+    config: Config,
+    db: Db,
+    app: AppDb,
+    /// PostgreSQL database name (for the unavailability test).
+    pg_name: Option<String>,
+}
+
+fn write_token(dir: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("token");
+    std::fs::write(&p, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// A fresh branch database, not yet installed.
+async fn branch(backend: Backend) -> Result<Branch> {
+    let dir = tempfile::tempdir()?;
+    let token_file = write_token(dir.path());
+    let (url, pg_name) = match backend {
+        Backend::Sqlite => (
+            format!("sqlite://{}", dir.path().join("pm.db").display()),
+            None,
+        ),
+        Backend::Pg => {
+            let url = tests::pg::fresh_database("listener").await?;
+            let name = url
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .split('?')
+                .next()
+                .unwrap()
+                .to_string();
+            (url, Some(name))
+        }
+    };
+    let config = Config {
+        location: "b01".into(),
+        database_url: url.clone(),
+        listen: "127.0.0.1:0".into(),
+        token_file,
+        time_zone: "Europe/Berlin".into(),
+        catalogue_file: None,
+        files_dir: None,
+        retention: Duration::from_secs(24 * 3600),
+        prune_interval: Duration::from_secs(3600),
+        tick_interval: Duration::from_millis(100),
+        max_limit: 1000,
+        max_wait: Duration::from_secs(30),
+        log_format: "text".into(),
+    };
+    let db = Db::connect_lazy(&config, true)?;
+    let app = match backend {
+        Backend::Sqlite => {
+            // Create the file (WAL) through the listener's options, then the app pool.
+            let opts = branch_listener::db::sqlite_options(&url, true)?
+                .busy_timeout(Duration::from_secs(30));
+            AppDb::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(20)
+                    .connect_with(opts)
+                    .await?,
+            )
+        }
+        Backend::Pg => AppDb::Pg(
+            PgPoolOptions::new()
+                .max_connections(24)
+                .connect(&url)
+                .await?,
+        ),
+    };
+    Ok(Branch {
+        backend,
+        dir,
+        config,
+        db,
+        app,
+        pg_name,
+    })
+}
+
+/// A branch with the demo schema and the pull area installed.
+async fn installed(backend: Backend) -> Result<Branch> {
+    let b = branch(backend).await?;
+    install::install(&b.db, &Catalogue::product_management(), true).await?;
+    Ok(b)
+}
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<branch_listener::Result<()>>,
+}
+
+impl Server {
+    async fn start(config: &Config) -> Result<Server> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(serve::run(config.clone(), listener, shutdown.clone()));
+        Ok(Server {
+            base,
+            client: reqwest::Client::new(),
+            shutdown,
+            handle,
+        })
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await?;
+        Ok((resp.status().as_u16(), resp.text().await?))
+    }
+
+    async fn changes_raw(
+        &self,
+        after: Option<&Cursor>,
+        limit: u32,
+        wait: u32,
+    ) -> Result<(u16, String)> {
+        let mut path = format!("/v1/changes?limit={limit}&wait={wait}");
+        if let Some(a) = after {
+            path.push_str(&format!("&after={a}"));
+        }
+        self.get(&path, Some(TOKEN)).await
+    }
+
+    async fn changes(
+        &self,
+        after: Option<&Cursor>,
+        limit: u32,
+        wait: u32,
+    ) -> Result<ChangesResponse> {
+        let (status, body) = self.changes_raw(after, limit, wait).await?;
+        if status != 200 {
+            bail!("GET /v1/changes: {status} {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    async fn error(&self, after: Option<&Cursor>) -> Result<(u16, ErrorBody)> {
+        let (status, body) = self.changes_raw(after, 100, 0).await?;
+        Ok((
+            status,
+            serde_json::from_str(&body).with_context(|| body.clone())?,
+        ))
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.handle.await??;
+        Ok(())
+    }
+}
+
+/// Pulls until nothing more is servable; returns the responses.
+async fn drain(
+    server: &Server,
+    after: &mut Option<Cursor>,
+    limit: u32,
+) -> Result<Vec<ChangesResponse>> {
+    let mut out = Vec::new();
+    loop {
+        let r = server.changes(after.as_ref(), limit, 0).await?;
+        *after = Some(r.next);
+        let done = r.changes.is_empty() && !r.more;
+        out.push(r);
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+fn pk_id(c: &schemas::wire::Change) -> i64 {
+    let v: serde_json::Value = serde_json::from_str(c.pk.get()).unwrap();
+    v.as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_i64()
+        .unwrap()
+}
+
+fn row(c: &schemas::wire::Change) -> serde_json::Value {
+    c.row
+        .as_ref()
+        .map(|r| serde_json::from_str(r.get()).unwrap())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The raw JSON text of `key`'s value in a JSON object text (numbers exactly as sent).
+fn raw_field(json: &str, key: &str) -> String {
+    let pat = format!("\"{key}\":");
+    let i = json.find(&pat).unwrap_or_else(|| panic!("{key} in {json}")) + pat.len();
+    let rest = json[i..].trim_start();
+    let end = rest.find([',', '}']).unwrap();
+    rest[..end].trim().to_string()
+}
+
+fn product(id: i64, desc: &str, price: &str) -> String {
+    format!(
+        "INSERT INTO products (product_id, sku, name, description, unit_price, currency) \
+         VALUES ({id}, 'sku-{id}', 'name {id}', '{desc}', {price}, 'EUR')"
+    )
+}
+
+fn upsert(id: i64, desc: &str, price: &str) -> String {
+    format!(
+        "{} ON CONFLICT (product_id) DO UPDATE SET description = excluded.description, unit_price = excluded.unit_price",
+        product(id, desc, price)
+    )
+}
+
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() -> anyhow::Result<()> {
+                super::$name(super::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() -> anyhow::Result<()> {
+                super::$name(super::Backend::Pg).await
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------
+// 1. Install / uninstall.
+
+async fn listing(b: &Branch) -> Result<BTreeSet<String>> {
+    let rows = match b.backend {
+        Backend::Sqlite => {
+            b.app
+                .strings(
+                    "SELECT type || ':' || name || ':' || tbl_name || ':' || COALESCE(sql, '') \
+                     FROM sqlite_master WHERE name <> 'sqlite_sequence'",
+                )
+                .await?
+        }
+        Backend::Pg => {
+            b.app
+                .strings(
+                    "SELECT 'rel:' || n.nspname || '.' || c.relname || ':' || c.relkind::text FROM pg_class c \
+                       JOIN pg_namespace n ON n.oid = c.relnamespace \
+                       WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
+                     UNION ALL SELECT 'trigger:' || tgname || ':' || tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal \
+                     UNION ALL SELECT 'proc:' || n.nspname || '.' || p.proname FROM pg_proc p \
+                       JOIN pg_namespace n ON n.oid = p.pronamespace \
+                       WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                     UNION ALL SELECT 'schema:' || nspname FROM pg_namespace",
+                )
+                .await?
+        }
+    };
+    Ok(rows.into_iter().collect())
+}
+
+async fn install_is_idempotent_and_uninstall_is_clean(backend: Backend) -> Result<()> {
+    let b = branch(backend).await?;
+    let cat = Catalogue::product_management();
+    // Missing catalogue tables: a clear error naming the table.
+    let e = install::install(&b.db, &cat, false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"products\"") && e.contains("does not exist"),
+        "{e}"
+    );
+
+    for s in match backend {
+        Backend::Sqlite => schemas::sql::sqlite::create_demo_schema(&cat),
+        Backend::Pg => schemas::sql::postgres::create_demo_schema(&cat),
+    } {
+        b.app.exec(&s).await?;
+    }
+    let before = listing(&b).await?;
+    let first = install::install(&b.db, &cat, false).await?;
+    let install::Outcome::Created { instance_id: id1 } = first else {
+        bail!("expected Created, got {first:?}")
+    };
+    let after_install = listing(&b).await?;
+    assert!(
+        after_install.len() > before.len() + 4,
+        "install added objects"
+    );
+    assert_eq!(
+        install::install(&b.db, &cat, true).await?,
+        install::Outcome::Unchanged { instance_id: id1 }
+    );
+    assert_eq!(
+        listing(&b).await?,
+        after_install,
+        "second install changed nothing"
+    );
+
+    // A changed catalogue re-creates the triggers and keeps the instance.
+    let mut smaller = cat.clone();
+    smaller.tables.retain(|t| t.name != "stock_movements");
+    assert_eq!(
+        install::install(&b.db, &smaller, false).await?,
+        install::Outcome::Updated { instance_id: id1 }
+    );
+    assert!(listing(&b)
+        .await?
+        .iter()
+        .all(|o| !o.contains("_pull_stock_movements") && !o.contains("capture_stock_movements")));
+    assert_eq!(
+        install::install(&b.db, &cat, false).await?,
+        install::Outcome::Updated { instance_id: id1 }
+    );
+    assert_eq!(listing(&b).await?, after_install);
+
+    // An old cursor from the first instance.
+    let server = Server::start(&b.config).await?;
+    let old = server.changes(None, 10, 0).await?.next;
+    assert_eq!(old.instance_id, id1);
+
+    assert!(install::uninstall(&b.db).await?);
+    assert_eq!(
+        listing(&b).await?,
+        before,
+        "uninstall removes exactly what install added"
+    );
+    assert!(
+        !install::uninstall(&b.db).await?,
+        "second uninstall finds nothing"
+    );
+    // Without the pull area the listener answers 503, not 500.
+    let (status, body) = server.error(None).await?;
+    assert_eq!((status, body.error.code.as_str()), (503, "unavailable"));
+
+    let install::Outcome::Created { instance_id: id2 } =
+        install::install(&b.db, &cat, false).await?
+    else {
+        bail!("expected a fresh install")
+    };
+    assert_ne!(id1, id2);
+    let (status, body) = server.error(Some(&old)).await?;
+    assert_eq!(
+        (status, body.error.code.as_str()),
+        (409, "instance_mismatch")
+    );
+    assert!(
+        body.error.message.contains(&id1.to_string())
+            && body.error.message.contains(&id2.to_string()),
+        "{}",
+        body.error.message
+    );
+    server.stop().await
+}
+both!(install_is_idempotent_and_uninstall_is_clean);
+
+// ---------------------------------------------------------------------------------
+// 2. Capture semantics.
+
+async fn capture_semantics(backend: Backend) -> Result<()> {
+    let b = installed(backend).await?;
+    let server = Server::start(&b.config).await?;
+    let mut after = Some(server.changes(None, 100, 0).await?.next);
+    type Step = (&'static str, Vec<String>, Vec<(Op, i64)>);
+    let steps: Vec<Step> = vec![
+        (
+            "single insert",
+            vec![product(1, "a", "1.50")],
+            vec![(Op::Insert, 1)],
+        ),
+        (
+            "multi-row insert",
+            vec![format!(
+                "INSERT INTO products (product_id, sku, name, unit_price, currency) VALUES \
+                 (2, 'sku-2', 'n2', 2, 'EUR'), (3, 'sku-3', 'n3', 3, 'EUR')"
+            )],
+            vec![(Op::Insert, 2), (Op::Insert, 3)],
+        ),
+        (
+            "single update",
+            vec!["UPDATE products SET unit_price = 1.75 WHERE product_id = 1".into()],
+            vec![(Op::Update, 1)],
+        ),
+        (
+            "multi-row update",
+            vec!["UPDATE products SET category = 'c' WHERE product_id IN (2, 3)".into()],
+            vec![(Op::Update, 2), (Op::Update, 3)],
+        ),
+        (
+            "single delete",
+            vec!["DELETE FROM products WHERE product_id = 3".into()],
+            vec![(Op::Delete, 3)],
+        ),
+        (
+            "upsert inserting",
+            vec![upsert(4, "new", "4.00")],
+            vec![(Op::Insert, 4)],
+        ),
+        (
+            "upsert updating",
+            vec![upsert(1, "upserted", "9.99")],
+            vec![(Op::Update, 1)],
+        ),
+        (
+            "primary-key change",
+            vec!["UPDATE products SET product_id = 20 WHERE product_id = 2".into()],
+            vec![(Op::Delete, 2), (Op::Update, 20)],
+        ),
+        (
+            "multi-row delete",
+            vec!["DELETE FROM products WHERE product_id IN (1, 4)".into()],
+            vec![(Op::Delete, 1), (Op::Delete, 4)],
+        ),
+        (
+            "several statements in one transaction",
+            vec![
+                product(5, "t", "5"),
+                "UPDATE products SET name = 'x' WHERE product_id = 5".into(),
+                "DELETE FROM products WHERE product_id = 5".into(),
+            ],
+            vec![(Op::Insert, 5), (Op::Update, 5), (Op::Delete, 5)],
+        ),
+    ];
+    for (what, stmts, expected) in steps {
+        b.app.tx(&stmts, true, Duration::ZERO).await?;
+        let r = server.changes(after.as_ref(), 100, 0).await?;
+        after = Some(r.next);
+        let mut got: Vec<(Op, i64)> = r.changes.iter().map(|c| (c.op, pk_id(c))).collect();
+        let mut want = expected.clone();
+        if what == "primary-key change" || what.starts_with("several") {
+            assert_eq!(got, want, "{what}: order matters");
+        }
+        got.sort_by_key(|(op, id)| (*id, op.as_code()));
+        want.sort_by_key(|(op, id)| (*id, op.as_code()));
+        assert_eq!(got, want, "{what}");
+        for c in &r.changes {
+            assert_eq!(c.table, "products");
+            assert_eq!(
+                c.op == Op::Delete,
+                c.row.is_none(),
+                "{what}: rows for upserts only"
+            );
+            if c.row.is_some() {
+                assert_eq!(row(c)["product_id"].as_i64(), Some(pk_id(c)));
+            }
+        }
+        if what == "upsert updating" {
+            assert_eq!(row(&r.changes[0])["description"], "upserted");
+        }
+    }
+    // A rolled-back transaction is never served.
+    b.app
+        .tx(&[product(6, "rolled back", "6")], false, Duration::ZERO)
+        .await?;
+    let r = server.changes(after.as_ref(), 100, 0).await?;
+    assert!(
+        r.changes.is_empty() && !r.more,
+        "rolled-back change served: {:?}",
+        r.changes
+    );
+    server.stop().await
+}
+both!(capture_semantics);
+
+// ---------------------------------------------------------------------------------
+// 3. Concurrent writers.
+
+/// What a committed transaction wrote.
+#[derive(Default, Debug)]
+struct Committed {
+    /// Products upserted with the transaction's tag.
+    upserts: Vec<i64>,
+    /// Products actually deleted.
+    deletes: Vec<i64>,
+    /// The marker row in stock_movements (reason = tag).
+    marker: i64,
+}
+
+async fn concurrent_writers(backend: Backend) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    const WRITERS: usize = 16;
+    const TXNS: usize = 30;
+    const KEYS: i64 = 40;
+    let b = installed(backend).await?;
+    b.app.exec("INSERT INTO products (product_id, sku, name, unit_price, currency) VALUES (999999, 'seed', 'seed', 1, 'EUR')").await?;
+    let server = Server::start(&b.config).await?;
+    let done = CancellationToken::new();
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let app = b.app.clone();
+        let backend = b.backend;
+        writers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64 * 7919);
+            let mut committed: HashMap<String, Committed> = HashMap::new();
+            let mut rolled_back = Vec::new();
+            for t in 0..TXNS {
+                let tag = format!("w{w}-t{t}");
+                let mut keys: Vec<i64> = (0..rng.gen_range(2..6)).map(|_| rng.gen_range(1..=KEYS)).collect();
+                keys.sort();
+                keys.dedup();
+                let mut stmts = Vec::new();
+                let mut kinds = Vec::new();
+                for &k in &keys {
+                    if rng.gen_bool(0.2) {
+                        stmts.push(format!("DELETE FROM products WHERE product_id = {k}"));
+                        kinds.push((k, true));
+                    } else {
+                        stmts.push(upsert(k, &tag, &format!("{}.{:02}", rng.gen_range(1..1000), rng.gen_range(0..100))));
+                        kinds.push((k, false));
+                    }
+                }
+                let marker = 1_000_000 + (w * 1000 + t) as i64;
+                stmts.push(format!(
+                    "INSERT INTO stock_movements (movement_id, product_id, quantity_delta, reason, moved_at) \
+                     VALUES ({marker}, 999999, 1, '{tag}', '2026-11-24 07:00:00')"
+                ));
+                let commit = !rng.gen_bool(0.1);
+                let max_delay = if backend == Backend::Sqlite { 2 } else { 15 };
+                let delay = Duration::from_millis(rng.gen_range(0..=max_delay));
+                let affected = app.tx(&stmts, commit, delay).await?;
+                if commit {
+                    let mut c = Committed { marker, ..Default::default() };
+                    for ((k, is_delete), n) in kinds.iter().zip(&affected) {
+                        if *is_delete {
+                            if *n == 1 {
+                                c.deletes.push(*k);
+                            }
+                        } else {
+                            c.upserts.push(*k);
+                        }
+                    }
+                    committed.insert(tag, c);
+                } else {
+                    rolled_back.push(tag);
+                }
+            }
+            anyhow::Ok((committed, rolled_back))
+        }));
+    }
+
+    // The reader pulls through HTTP with a small limit while the writers run.
+    let reader = {
+        let done = done.clone();
+        let base = server.base.clone();
+        tokio::spawn(async move {
+            let s = Server {
+                base,
+                client: reqwest::Client::new(),
+                shutdown: CancellationToken::new(),
+                handle: tokio::spawn(async { Ok(()) }),
+            };
+            let mut after: Option<Cursor> = None;
+            let mut responses: Vec<ChangesResponse> = Vec::new();
+            loop {
+                let finished = done.is_cancelled();
+                let r = s
+                    .changes(after.as_ref(), 7, if finished { 0 } else { 1 })
+                    .await?;
+                after = Some(r.next);
+                let empty = r.changes.is_empty() && !r.more;
+                responses.push(r);
+                if finished && empty {
+                    return anyhow::Ok(responses);
+                }
+            }
+        })
+    };
+
+    let mut committed: HashMap<String, Committed> = HashMap::new();
+    let mut rolled_back: Vec<String> = Vec::new();
+    for w in writers {
+        let (c, r) = w.await??;
+        committed.extend(c);
+        rolled_back.extend(r);
+    }
+    done.cancel();
+    let responses = reader.await??;
+    assert!(!rolled_back.is_empty() && committed.len() > WRITERS * TXNS / 2);
+    eprintln!(
+        "{backend:?}: {} committed, {} rolled back, {} changes in {} responses",
+        committed.len(),
+        rolled_back.len(),
+        responses.iter().map(|r| r.changes.len()).sum::<usize>(),
+        responses.len()
+    );
+
+    // Served changes, in served order, with the response each came in.
+    let served: Vec<(usize, &schemas::wire::Change)> = responses
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| r.changes.iter().map(move |c| (i, c)))
+        .collect();
+    let seqs: BTreeSet<i64> = served.iter().map(|(_, c)| c.seq).collect();
+    assert_eq!(seqs.len(), served.len(), "a change was served twice");
+
+    // Multiset of served vs committed.
+    let mut served_tagged: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+    let mut served_deletes: BTreeMap<i64, usize> = BTreeMap::new();
+    let mut response_of_tag: HashMap<String, BTreeSet<usize>> = HashMap::new();
+    for (i, c) in &served {
+        match (c.table.as_str(), c.op) {
+            ("products", Op::Delete) => *served_deletes.entry(pk_id(c)).or_default() += 1,
+            ("products", _) => {
+                let tag = row(c)["description"].as_str().unwrap_or("").to_string();
+                if tag.is_empty() {
+                    continue; // the seed row
+                }
+                served_tagged
+                    .entry(tag.clone())
+                    .or_default()
+                    .push(("p".into(), pk_id(c)));
+                response_of_tag.entry(tag).or_default().insert(*i);
+            }
+            ("stock_movements", Op::Insert) => {
+                let tag = row(c)["reason"].as_str().unwrap().to_string();
+                served_tagged
+                    .entry(tag.clone())
+                    .or_default()
+                    .push(("m".into(), pk_id(c)));
+                response_of_tag.entry(tag).or_default().insert(*i);
+            }
+            other => bail!("unexpected change {other:?}"),
+        }
+    }
+    for tag in &rolled_back {
+        assert!(
+            !served_tagged.contains_key(tag),
+            "rolled-back transaction {tag} was served"
+        );
+    }
+    let mut expected_tagged: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+    let mut expected_deletes: BTreeMap<i64, usize> = BTreeMap::new();
+    for (tag, c) in &committed {
+        let e = expected_tagged.entry(tag.clone()).or_default();
+        e.extend(c.upserts.iter().map(|k| ("p".to_string(), *k)));
+        e.push(("m".into(), c.marker));
+        for k in &c.deletes {
+            *expected_deletes.entry(*k).or_default() += 1;
+        }
+    }
+    for v in served_tagged
+        .values_mut()
+        .chain(expected_tagged.values_mut())
+    {
+        v.sort();
+    }
+    assert_eq!(
+        served_tagged.len(),
+        expected_tagged.len(),
+        "committed transactions lost or invented"
+    );
+    assert_eq!(
+        served_tagged, expected_tagged,
+        "served changes differ from the committed ones"
+    );
+    assert_eq!(
+        served_deletes, expected_deletes,
+        "served deletes differ from the committed ones"
+    );
+    for (tag, rs) in &response_of_tag {
+        assert_eq!(
+            rs.len(),
+            1,
+            "transaction {tag} was split across responses {rs:?}"
+        );
+    }
+
+    // Replay in served order, last writer per key, equals the final table.
+    let mut replay: BTreeMap<i64, Option<String>> = BTreeMap::new();
+    for (_, c) in &served {
+        if c.table == "products" {
+            if c.op == Op::Delete {
+                replay.remove(&pk_id(c));
+            } else {
+                replay.insert(pk_id(c), row(c)["description"].as_str().map(str::to_string));
+            }
+        }
+    }
+    let table: BTreeMap<i64, Option<String>> = b
+        .app
+        .pairs("SELECT product_id, description FROM products WHERE product_id <> 999999")
+        .await?
+        .into_iter()
+        .collect();
+    replay.remove(&999999);
+    assert_eq!(
+        replay, table,
+        "replaying the served changes does not give the final table"
+    );
+    server.stop().await
+}
+both!(concurrent_writers);
+
+// ---------------------------------------------------------------------------------
+// 4. A transaction larger than `limit` arrives whole.
+
+async fn large_transaction_is_whole(backend: Backend) -> Result<()> {
+    let b = installed(backend).await?;
+    let server = Server::start(&b.config).await?;
+    b.app.exec(&product(1, "before", "1")).await?;
+    let big: Vec<String> = (100..600).map(|i| product(i, "big", "2")).collect();
+    b.app.tx(&big, true, Duration::ZERO).await?;
+    b.app.exec(&product(2, "after", "1")).await?;
+    let mut after = None;
+    let responses = drain(&server, &mut after, 50).await?;
+    let holding: Vec<usize> = responses
+        .iter()
+        .map(|r| {
+            r.changes
+                .iter()
+                .filter(|c| row(c)["description"] == "big")
+                .count()
+        })
+        .filter(|n| *n > 0)
+        .collect();
+    assert_eq!(
+        holding,
+        vec![500],
+        "the 500-row transaction must arrive in one response"
+    );
+    let total: usize = responses.iter().map(|r| r.changes.len()).sum();
+    assert_eq!(total, 502);
+    server.stop().await
+}
+both!(large_transaction_is_whole);
+
+// ---------------------------------------------------------------------------------
+// 5. Bad input, authentication, unavailability, invalid config.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_clearly() -> Result<()> {
+    let b = installed(Backend::Sqlite).await?;
+    let server = Server::start(&b.config).await?;
+    let (status, body) = server
+        .get("/v1/changes?after=not-a-cursor", Some(TOKEN))
+        .await?;
+    assert_eq!(status, 400);
+    let e: ErrorBody = serde_json::from_str(&body)?;
+    assert_eq!(e.error.code, "bad_request");
+    assert!(
+        e.error.message.contains("wrong number of parts"),
+        "{}",
+        e.error.message
+    );
+    let (status, body) = server.get("/v1/changes?limit=abc", Some(TOKEN)).await?;
+    assert_eq!(status, 400);
+    assert!(body.contains("limit"), "{body}");
+
+    let r = server.changes(None, 999_999, 0).await?;
+    assert!(r.limit_clamped);
+    assert_eq!(r.limit, b.config.max_limit);
+    assert!(!server.changes(None, 10, 0).await?.limit_clamped);
+
+    // Missing and wrong token: identical answers, on every protected endpoint.
+    for path in ["/v1/changes", "/v1/status", "/metrics"] {
+        let missing = server.get(path, None).await?;
+        let wrong = server
+            .get(path, Some("wrong-token-0123456789abcdef"))
+            .await?;
+        assert_eq!(missing.0, 401);
+        assert_eq!(missing, wrong, "{path}");
+    }
+    assert_eq!(
+        server.get("/healthz", None).await?,
+        (200, r#"{"status":"ok"}"#.to_string())
+    );
+
+    // A cursor ahead of the branch's head and one whose tick has another uuid.
+    let next = server.changes(None, 10, 0).await?.next;
+    let ahead = Cursor {
+        tick: next.tick + 100,
+        ..next
+    };
+    let (status, e) = server.error(Some(&ahead)).await?;
+    assert_eq!((status, e.error.code.as_str()), (409, "lineage_mismatch"));
+    assert!(
+        e.error.message.contains("ahead of head"),
+        "{}",
+        e.error.message
+    );
+    let other = Cursor {
+        tick_uuid: uuid::Uuid::new_v4(),
+        ..next
+    };
+    let (status, e) = server.error(Some(&other)).await?;
+    assert_eq!((status, e.error.code.as_str()), (409, "lineage_mismatch"));
+
+    // Status and metrics.
+    b.app.exec(&product(1, "x", "1")).await?;
+    let (status, body) = server.get("/v1/status", Some(TOKEN)).await?;
+    assert_eq!(status, 200, "{body}");
+    let st: StatusResponse = serde_json::from_str(&body)?;
+    assert_eq!(
+        (st.backend.as_str(), st.head_seq, st.unacked_changes),
+        ("sqlite", 1, 1)
+    );
+    let (status, text) = server.get("/metrics", Some(TOKEN)).await?;
+    assert_eq!(status, 200);
+    for m in [
+        "branch_listener_pull_area_depth",
+        "branch_listener_unacked_changes",
+        "branch_listener_oldest_unacked_age_seconds",
+        "branch_listener_head_seq",
+        "branch_listener_requests_total",
+    ] {
+        assert!(text.contains(m), "{m} missing from /metrics:\n{text}");
+    }
+    // Compression when asked for.
+    let raw_client = reqwest::Client::builder().no_gzip().no_zstd().build()?;
+    let resp = raw_client
+        .get(format!("{}/v1/status", server.base))
+        .bearer_auth(TOKEN)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await?;
+    assert_eq!(
+        resp.headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap()),
+        Some("gzip")
+    );
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_database_gives_503_and_recovers() -> Result<()> {
+    let b = installed(Backend::Pg).await?;
+    let name = b.pg_name.clone().unwrap();
+    let server = Server::start(&b.config).await?;
+    let first = server.changes(None, 10, 0).await?;
+    let admin = PgPool::connect(&tests::pg::admin_url()?).await?;
+    if let AppDb::Pg(p) = &b.app {
+        p.close().await;
+    }
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"
+    ))
+    .execute(&admin)
+    .await?;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(&name)
+        .execute(&admin)
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = server.changes_raw(Some(&first.next), 10, 0).await?;
+        if status == 503 {
+            let e: ErrorBody = serde_json::from_str(&body)?;
+            assert_eq!(e.error.code, "unavailable");
+            assert!(
+                !e.error.message.to_lowercase().contains("select"),
+                "no SQL text: {body}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never answered 503: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = server.changes_raw(Some(&first.next), 10, 0).await?;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await
+}
+
+#[test]
+fn invalid_config_exits_2_naming_the_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = write_token(dir.path());
+    let cases = [
+        ("max_limit = 0\n", "max_limit"),
+        ("frobnicate = 1\n", "frobnicate"),
+        ("retention = \"soon\"\n", "retention"),
+        ("listen = \"nowhere\"\n", "listen"),
+    ];
+    for (extra, key) in cases {
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "location = \"b01\"\ndatabase_url = \"sqlite:///tmp/none.db\"\ntoken_file = \"{}\"\n{extra}",
+                token.display()
+            ),
+        )?;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_branch-listener"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env_remove("BRANCH_LISTENER_CONFIG")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}: {stderr}");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    // A valid one passes.
+    let path = dir.path().join("ok.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "location = \"b01\"\ndatabase_url = \"sqlite:///tmp/none.db\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+    )?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_branch-listener"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// 6. Long-poll.
+
+async fn long_poll_returns_the_change(backend: Backend) -> Result<()> {
+    let b = installed(backend).await?;
+    let server = std::sync::Arc::new(Server::start(&b.config).await?);
+    let start = server.changes(None, 10, 0).await?.next;
+    let s = server.clone();
+    let poll = tokio::spawn(async move { s.changes(Some(&start), 10, 20).await });
+    // Give the request time to start waiting (the assertion holds either way).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.app.exec(&product(7, "long-poll", "7")).await?;
+    let r = poll.await??;
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert_eq!(row(&r.changes[0])["description"], "long-poll");
+    let server =
+        std::sync::Arc::into_inner(server).ok_or_else(|| anyhow!("server still shared"))?;
+    server.stop().await
+}
+both!(long_poll_returns_the_change);
+
+// ---------------------------------------------------------------------------------
+// 7. Pruning.
+
+async fn pruning_keeps_unacknowledged_changes(backend: Backend) -> Result<()> {
+    let b = installed(backend).await?;
+    let server = Server::start(&b.config).await?;
+    let c0 = server.changes(None, 10, 0).await?.next;
+    b.app.exec(&product(1, "a", "1")).await?;
+    let r1 = server.changes(Some(&c0), 10, 0).await?;
+    assert_eq!(r1.changes.len(), 1);
+    let seq_a = r1.changes[0].seq;
+    b.app.exec(&product(2, "b", "1")).await?;
+    let r2 = server.changes(Some(&r1.next), 10, 0).await?; // acknowledges r1.next
+    assert_eq!(r2.changes.len(), 1);
+    let seq_b = r2.changes[0].seq;
+
+    let seqs_sql = match backend {
+        Backend::Sqlite => "SELECT seq, tbl FROM _pull_changes ORDER BY seq",
+        Backend::Pg => "SELECT seq, tbl FROM pull.changes ORDER BY seq",
+    };
+    // Nothing is older than a day: nothing pruned.
+    assert_eq!(
+        prune::prune_once(&b.db, Duration::from_secs(86400)).await?,
+        prune::Pruned::default()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = prune::prune_once(&b.db, Duration::ZERO).await?;
+        if p.changes > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never pruned");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left: Vec<i64> = b
+        .app
+        .pairs(seqs_sql)
+        .await?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(
+        left,
+        vec![seq_b],
+        "acknowledged change {seq_a} pruned, unacknowledged {seq_b} kept"
+    );
+    // Pruning again never touches the unacknowledged change.
+    prune::prune_once(&b.db, Duration::ZERO).await?;
+    assert_eq!(b.app.pairs(seqs_sql).await?.len(), 1);
+
+    let (status, e) = server.error(Some(&c0)).await?;
+    assert_eq!(
+        (status, e.error.code.as_str()),
+        (410, "pruned"),
+        "{}",
+        e.error.message
+    );
+    let (status, _) = server.error(None).await?;
+    assert_eq!(status, 410, "the install tick is gone");
+    // The acknowledged cursor still works and still serves the unacknowledged change.
+    let again = server.changes(Some(&r1.next), 10, 0).await?;
+    assert_eq!(
+        again.changes.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![seq_b]
+    );
+    server.stop().await
+}
+both!(pruning_keeps_unacknowledged_changes);
+
+// ---------------------------------------------------------------------------------
+// 8. Data fidelity at the branch side.
+
+async fn edge_values_are_exact(backend: Backend) -> Result<()> {
+    let b = installed(backend).await?;
+    let server = Server::start(&b.config).await?;
+    let unicode = "Grüße ☃ 日本語 🎉 \"quoted\" back\\slash";
+    let ts = match backend {
+        Backend::Sqlite => "'2026-03-29 02:30:00.123'",
+        Backend::Pg => "'2026-03-29 02:30:00.123456+00'",
+    };
+    b.app
+        .tx(
+            &[
+                format!(
+                    "INSERT INTO products (product_id, sku, name, description, category, unit_price, currency, updated_at) \
+                     VALUES (9223372036854775807, 'max', '{}', '', NULL, 9999999999.99, 'EUR', {ts})",
+                    unicode.replace('\'', "''")
+                ),
+                "INSERT INTO products (product_id, sku, name, description, unit_price, currency) \
+                 VALUES (-9223372036854775808, 'min', 'n', NULL, 0.01, 'EUR')"
+                    .into(),
+            ],
+            true,
+            Duration::ZERO,
+        )
+        .await?;
+    let r = server.changes(None, 10, 0).await?;
+    assert_eq!(r.changes.len(), 2);
+    let big = r.changes[0].row.as_ref().unwrap().get();
+    let small = r.changes[1].row.as_ref().unwrap().get();
+    assert_eq!(raw_field(big, "product_id"), "9223372036854775807");
+    assert_eq!(
+        raw_field(r.changes[0].pk.get(), "product_id"),
+        "9223372036854775807"
+    );
+    assert_eq!(raw_field(small, "product_id"), "-9223372036854775808");
+    assert_eq!(raw_field(big, "unit_price"), "9999999999.99");
+    assert_eq!(raw_field(small, "unit_price"), "0.01");
+    let v: serde_json::Value = serde_json::from_str(big)?;
+    assert_eq!(v["description"], "", "empty string stays empty");
+    assert!(v["category"].is_null(), "NULL stays NULL");
+    assert_eq!(v["name"], unicode);
+    let s: serde_json::Value = serde_json::from_str(small)?;
+    assert!(s["description"].is_null());
+    match backend {
+        Backend::Sqlite => assert_eq!(v["updated_at"], "2026-03-29 02:30:00.123"),
+        Backend::Pg => {
+            let t = chrono::DateTime::parse_from_rfc3339(v["updated_at"].as_str().unwrap())?;
+            assert_eq!(
+                t.with_timezone(&chrono::Utc)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "2026-03-29T02:30:00.123456Z"
+            );
+        }
+    }
+    // The served JSON round-trips as the wire type says (ts in UTC, protocol fields).
+    assert_eq!(r.location, "b01");
+    assert_eq!(r.time_zone, "Europe/Berlin");
+    assert!(r.changes[0].ts <= chrono::Utc::now());
+    let _ = &b.dir;
+    server.stop().await
+}
+both!(edge_values_are_exact);
