@@ -127,6 +127,11 @@ async fn on_fire(app: Arc<App>, slots: Slots, id: String) {
     if app.shutdown.is_cancelled() {
         return;
     }
+    // Every fire is recorded, also the skipped ones: `last_fired_at` tells a stalled job
+    // from a location that is merely backing off or still running.
+    if let Err(e) = crate::store::mark_fired(&app.pool, &id).await {
+        tracing::warn!(location = %id, error = %e, "recording the fire");
+    }
     let lock = {
         let mut s = slots.lock().expect("slots lock");
         let Some(slot) = s.get_mut(&id) else { return };
@@ -153,9 +158,6 @@ async fn on_fire(app: Arc<App>, slots: Slots, id: String) {
     let tracker = app.tracker.clone();
     tracker.spawn(async move {
         let _running = lock;
-        if let Err(e) = crate::store::mark_fired(&app.pool, &id).await {
-            tracing::warn!(location = %id, error = %e, "recording the fire");
-        }
         let _permit = tokio::select! {
             p = app.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = app.shutdown.cancelled() => return,
@@ -208,7 +210,9 @@ async fn stream_task(app: Arc<App>, slots: Slots, id: String) {
                 Ok(r) if r.outcome == "skipped" => Some(Duration::from_secs(5)),
                 Ok(r) if !r.failed() => {
                     after_run(&slots, &id, false);
-                    None
+                    // A listener that answers an empty long-poll at once (not honouring
+                    // `wait`) must not turn this loop into a busy loop.
+                    (r.totals.batches == 0).then_some(Duration::from_secs(1))
                 }
                 Ok(_) => after_run(&slots, &id, true),
                 Err(e) => {

@@ -202,6 +202,8 @@ pub struct Counters {
     pub requests: AtomicU64,
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
+    /// Requests that asked to long-poll with `wait=25`.
+    pub waits: AtomicU64,
 }
 
 #[derive(Clone, Default)]
@@ -264,6 +266,9 @@ async fn handler(
         return error(StatusCode::NOT_FOUND, "not_found", "no such branch");
     };
     counters.requests.fetch_add(1, Ordering::SeqCst);
+    if q.get("wait").map(String::as_str) == Some("25") {
+        counters.waits.fetch_add(1, Ordering::SeqCst);
+    }
     let now = counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let _guard = InFlight(counters);

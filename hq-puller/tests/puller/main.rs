@@ -37,13 +37,19 @@ fn write_token(dir: &Path, name: &str, mode: u32) -> PathBuf {
 /// A fresh HQ database, a config with the given locations (id, base url) and extra
 /// top-level TOML, migrated.
 async fn hq(locations: &[(&str, &str)], extra: &str) -> Hq {
+    let l: Vec<(&str, &str, &str)> = locations.iter().map(|(a, b)| (*a, *b, "")).collect();
+    hq_with(&l, extra).await
+}
+
+/// Like [`hq`], with extra TOML lines per location.
+async fn hq_with(locations: &[(&str, &str, &str)], extra: &str) -> Hq {
     let db = tests::pg::fresh_database("hqp").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token = write_token(dir.path(), "token", 0o600);
     let mut toml = format!("database_url = \"{db}\"\n{extra}\n");
-    for (id, base) in locations {
+    for (id, base, more) in locations {
         toml.push_str(&format!(
-            "[[locations]]\nid = \"{id}\"\nname = \"Branch {id}\"\nurl = \"{base}/{id}\"\ntoken_file = \"{}\"\n",
+            "[[locations]]\nid = \"{id}\"\nname = \"Branch {id}\"\nurl = \"{base}/{id}\"\ntoken_file = \"{}\"\n{more}\n",
             token.display()
         ));
     }
@@ -780,6 +786,32 @@ async fn forty_six_cron_jobs_keep_firing_under_load() {
             .await
             .unwrap();
     assert_eq!(fired, 46);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_mode_long_polls_and_applies() {
+    let mut b = Branch::new("st1");
+    b.grow = true;
+    let (fake, base) = Fake::start(vec![b]).await;
+    let hq = hq_with(&[("st1", &base, "mode = \"stream\"")], "").await;
+    let shutdown = CancellationToken::new();
+    let svc = tokio::spawn(hq_puller::run(hq.settings.clone(), shutdown.clone()));
+    eventually(30, "stream location applied 3 batches", || async {
+        cursor_tick(hq.pool(), "st1").await >= 4
+    })
+    .await;
+    let c = fake.counters("st1");
+    assert!(
+        c.waits.load(Ordering::SeqCst) >= 3,
+        "long-polls carry wait=25"
+    );
+    assert_eq!(c.max_in_flight.load(Ordering::SeqCst), 1);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), svc)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 // 7 ------------------------------------------------------------------------------------
