@@ -284,5 +284,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("our cursor is"));
+        let e = Expected {
+            location: "b01".into(),
+            after: None,
+            instance_id: Some(Uuid::new_v4()),
+        };
+        let err = check(&r, &e, &Catalogue::product_management()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NeedsResync);
+        assert!(err.to_string().contains("instance changed"));
     }
 }

@@ -42,6 +42,8 @@ pub enum Behaviour {
     Hang,
     /// Answers 500.
     Fail500,
+    /// Answers this status with this error code.
+    Fail(u16, &'static str),
 }
 
 pub type Tamper = Arc<dyn Fn(&mut ChangesResponse) + Send + Sync>;
@@ -284,6 +286,9 @@ async fn handler(
     match behaviour {
         Behaviour::Hang => std::future::pending::<Response>().await,
         Behaviour::Fail500 => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "boom"),
+        Behaviour::Fail(status, code) => {
+            error(StatusCode::from_u16(status).unwrap(), code, "refused")
+        }
         Behaviour::Normal => fake.with(&loc, |b| b.respond(q.get("after").map(String::as_str))),
     }
 }

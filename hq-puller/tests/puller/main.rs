@@ -518,6 +518,84 @@ async fn hostile_batches_pause_only_their_location() {
     assert_eq!(cursor_tick(hq.pool(), "h_dup").await, 3);
 }
 
+#[tokio::test]
+async fn listener_errors_map_to_states() {
+    let cases = [
+        (
+            "r409i",
+            Behaviour::Fail(409, "instance_mismatch"),
+            "needs_resync",
+            "needs_resync",
+            "instance mismatch",
+        ),
+        (
+            "r409l",
+            Behaviour::Fail(409, "lineage_mismatch"),
+            "needs_resync",
+            "needs_resync",
+            "lineage mismatch",
+        ),
+        (
+            "r410",
+            Behaviour::Fail(410, "pruned"),
+            "needs_resync",
+            "needs_resync",
+            "pruned history",
+        ),
+        (
+            "r401",
+            Behaviour::Fail(401, "unauthorized"),
+            "paused",
+            "paused",
+            "token rejected",
+        ),
+        (
+            "r503",
+            Behaviour::Fail(503, "unavailable"),
+            "failing",
+            "failed",
+            "HTTP 503",
+        ),
+    ];
+    let branches = cases
+        .iter()
+        .map(|(id, b, ..)| {
+            let mut br = Branch::new(id);
+            br.behaviour = *b;
+            br
+        })
+        .collect();
+    let (_fake, base) = Fake::start(branches).await;
+    // One location whose listener is not even there: transient.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_base = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let mut locs: Vec<(&str, &str)> = cases.iter().map(|c| (c.0, base.as_str())).collect();
+    locs.push(("dead", &dead_base));
+    let hq = hq(&locs, "").await;
+    let mut ids: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    ids.push("dead");
+    let reports = pull(&hq, &ids).await;
+    for (id, _, state, outcome, needle) in cases.iter().copied().chain([(
+        "dead",
+        Behaviour::Normal,
+        "failing",
+        "failed",
+        "cannot connect",
+    )]) {
+        let r = reports.iter().find(|r| r.location == id).unwrap();
+        assert_eq!(r.outcome, outcome, "{id}: {r:?}");
+        assert!(
+            r.error.as_deref().unwrap_or_default().contains(needle),
+            "{id}: {r:?}"
+        );
+        let (st, cursor, reason) = loc_row(hq.pool(), id).await;
+        assert_eq!(st, state, "{id}");
+        assert_eq!(cursor, None, "{id}");
+        assert_eq!(reason.is_some(), state != "failing", "{id}: {reason:?}");
+    }
+}
+
 // 4 ------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -925,6 +1003,22 @@ async fn status_json_lists_every_location() {
         text.contains("s_bad") && text.contains("paused") && text.contains("tick 2"),
         "{text}"
     );
+
+    // migrate is idempotent and keeps states and cursors.
+    for _ in 0..2 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hq-puller"))
+            .args(["migrate", "--config"])
+            .arg(&hq.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(loc_row(hq.pool(), "s_bad").await.0, "paused");
+    assert_eq!(cursor_tick(hq.pool(), "s_ok").await, 2);
 
     // A one-shot pull of everything reports the paused location and exits 1.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hq-puller"))
