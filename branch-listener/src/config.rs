@@ -121,7 +121,11 @@ impl Config {
                 format!("config file {} does not exist", path.display()),
             ));
         }
-        Self::from_figment(fig.merge(Env::prefixed("BRANCH_").split("__")))
+        // BRANCH_LISTENER_CONFIG names the file (see `main`); it is not a key.
+        let env = Env::prefixed("BRANCH_")
+            .ignore(&["listener_config"])
+            .split("__");
+        Self::from_figment(fig.merge(env))
     }
 
     pub fn from_figment(fig: Figment) -> Result<Config> {
@@ -317,6 +321,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's signature
+    fn environment_overrides_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let token = token_file(d.path());
+        figment::Jail::expect_with(|jail| {
+            let file = jail.directory().join("c.toml");
+            std::fs::write(
+                &file,
+                format!(
+                    "location = \"b01\"\ndatabase_url = \"sqlite:///tmp/x.db\"\ntoken_file = \"{}\"\nmax_limit = 100\n",
+                    token.display()
+                ),
+            )
+            .unwrap();
+            jail.set_env("BRANCH_MAX_LIMIT", "200");
+            jail.set_env("BRANCH_LISTEN", "127.0.0.1:9999");
+            jail.set_env("BRANCH_LISTENER_CONFIG", file.display().to_string());
+            let c = Config::load(&file).unwrap();
+            assert_eq!((c.max_limit, c.listen.as_str()), (200, "127.0.0.1:9999"));
+            jail.set_env("BRANCH_MAX_LIMIT", "0");
+            let e = Config::load(&file).unwrap_err().to_string();
+            assert!(e.contains("`max_limit`"), "{e}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -613,7 +613,17 @@ async fn concurrent_writers(backend: Backend) -> Result<()> {
                 let commit = !rng.gen_bool(0.1);
                 let max_delay = if backend == Backend::Sqlite { 2 } else { 15 };
                 let delay = Duration::from_millis(rng.gen_range(0..=max_delay));
-                let affected = app.tx(&stmts, commit, delay).await?;
+                // A transaction can also fail (PostgreSQL: two concurrent upserts of a new
+                // key collide on the non-arbiter UNIQUE(sku)): then it rolled back.
+                let result = app.tx(&stmts, commit, delay).await;
+                let affected = match result {
+                    Ok(a) => a,
+                    Err(e) if e.to_string().contains("duplicate key") => {
+                        rolled_back.push(tag);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if commit {
                     let mut c = Committed { marker, ..Default::default() };
                     for ((k, is_delete), n) in kinds.iter().zip(&affected) {
@@ -629,6 +639,8 @@ async fn concurrent_writers(backend: Backend) -> Result<()> {
                 } else {
                     rolled_back.push(tag);
                 }
+                // Think time between transactions lets the reader in between writers.
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(0..=3))).await;
             }
             anyhow::Ok((committed, rolled_back))
         }));
@@ -1176,3 +1188,143 @@ async fn edge_values_are_exact(backend: Backend) -> Result<()> {
     server.stop().await
 }
 both!(edge_values_are_exact);
+
+// ---------------------------------------------------------------------------------
+// PostgreSQL: a long open transaction holds back nothing but itself.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_open_transaction_does_not_stall_others() -> Result<()> {
+    let b = installed(Backend::Pg).await?;
+    let AppDb::Pg(pool) = &b.app else {
+        unreachable!()
+    };
+    let server = Server::start(&b.config).await?;
+    let c0 = server.changes(None, 100, 0).await?.next;
+    // A writes first and stays open; B writes later and commits first.
+    let mut a = pool.begin().await?;
+    sqlx::query(&product(1, "A", "1")).execute(&mut *a).await?;
+    b.app.exec(&product(2, "B", "2")).await?;
+    let r1 = server.changes(Some(&c0), 100, 0).await?;
+    let got: Vec<i64> = r1.changes.iter().map(pk_id).collect();
+    assert_eq!(got, vec![2], "B is served while A is open");
+    let (status, body) = server.get("/v1/status", Some(TOKEN)).await?;
+    assert_eq!(status, 200, "{body}");
+    let st: StatusResponse = serde_json::from_str(&body)?;
+    assert!(
+        st.oldest_open_writer.is_some(),
+        "A is reported as an open writer: {body}"
+    );
+    a.commit().await?;
+    // A committed after the tick that served B: it arrives in the next window, not lost.
+    let r2 = server.changes(Some(&r1.next), 100, 0).await?;
+    let got: Vec<i64> = r2.changes.iter().map(pk_id).collect();
+    assert_eq!(got, vec![1], "A arrives once it commits");
+    let (_, body) = server.get("/v1/status", Some(TOKEN)).await?;
+    let st: StatusResponse = serde_json::from_str(&body)?;
+    assert!(st.oldest_open_writer.is_none(), "{body}");
+    assert_eq!(st.acked_tick, Some(r1.next.tick));
+    server.stop().await
+}
+
+// ---------------------------------------------------------------------------------
+// The binary: install twice, serve, graceful shutdown on SIGTERM, uninstall.
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_installs_serves_and_stops_gracefully() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = write_token(dir.path());
+    let port = free_port();
+    let db_path = dir.path().join("branch.db");
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "location = \"b02\"\ndatabase_url = \"sqlite://{}\"\ntoken_file = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n",
+            db_path.display(),
+            token.display()
+        ),
+    )?;
+    let bin = env!("CARGO_BIN_EXE_branch-listener");
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin)
+            .args(args)
+            .arg("--config")
+            .arg(&config_path)
+            .output()
+    };
+    let out = run(&["install", "--with-demo-schema"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("new instance"));
+    let out = run(&["install"])?;
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to do"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // As systemd runs it: the config file named by the environment, `serve` implied.
+    let mut child = std::process::Command::new(bin)
+        .env("BRANCH_LISTENER_CONFIG", &config_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let server = Server {
+        base: format!("http://127.0.0.1:{port}"),
+        client: reqwest::Client::new(),
+        shutdown: CancellationToken::new(),
+        handle: tokio::spawn(async { Ok(()) }),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server.get("/healthz", None).await.map(|r| r.0).unwrap_or(0) != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c0 = server.changes(None, 10, 0).await?.next;
+    let server = std::sync::Arc::new(server);
+    let s = server.clone();
+    let poll = tokio::spawn(async move { s.changes(Some(&c0), 10, 60).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(kill.success());
+    // The long-poll is answered (empty) and the process exits 0, well before the wait ends.
+    let r = poll.await??;
+    assert!(r.changes.is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the listener did not stop after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+
+    let out = run(&["uninstall"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("uninstalled"));
+    Ok(())
+}
