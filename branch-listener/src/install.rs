@@ -215,6 +215,9 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
         }
         Db::Postgres(pool) => {
             let mut tx = pool.begin().await?;
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .execute(&mut *tx)
+                .await?;
             if with_demo_schema {
                 for s in pg::create_demo_schema(catalogue) {
                     sqlx::query(&s).execute(&mut *tx).await?;

@@ -182,6 +182,11 @@ impl Db {
             }
             Db::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
+                // The snapshot must be taken after the lock: READ COMMITTED whatever the
+                // database's default isolation.
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(pg::TICK_LOCK_KEY)
                     .execute(&mut *tx)
@@ -293,6 +298,9 @@ impl Db {
             Db::Sqlite { pool, .. } => {
                 // One read transaction: the end tick and its changes are consistent.
                 let mut tx = pool.begin().await?;
+                if !tick_exists_sqlite(&mut tx, from.id).await? {
+                    return Err(pruned_while_reading(from.id));
+                }
                 let end = sqlx::query(&format!(
                     "SELECT tick_id, tick_uuid, head_seq FROM {t} WHERE tick_id > ?1 AND head_seq >= ?2 \
                      ORDER BY tick_id LIMIT 1",
@@ -382,6 +390,17 @@ impl Db {
                     if changes.len() >= limit as usize {
                         break;
                     }
+                }
+                // Pruning deletes ticks before changes: if `from` still exists now, no
+                // change of these windows had been deleted when they were read.
+                let still: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pull.ticks WHERE tick_id = $1)",
+                )
+                .bind(from.id)
+                .fetch_one(pool)
+                .await?;
+                if !still {
+                    return Err(pruned_while_reading(from.id));
                 }
                 Ok((lower, changes))
             }
@@ -473,6 +492,22 @@ pub fn backlog(after: &Tick, newest: &Tick) -> u64 {
         return 0;
     }
     (newest.head_seq - after.head_seq).max(0) as u64
+}
+
+fn pruned_while_reading(tick: i64) -> Error {
+    Error::Pruned(format!(
+        "tick {tick} was pruned from the branch's history: resync needed"
+    ))
+}
+
+async fn tick_exists_sqlite(conn: &mut sqlx::SqliteConnection, id: i64) -> Result<bool> {
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE tick_id = ?1)",
+        sq::TICKS
+    ))
+    .bind(id)
+    .fetch_one(conn)
+    .await?)
 }
 
 fn age_seconds(t: DateTime<Utc>) -> f64 {
