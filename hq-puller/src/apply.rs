@@ -90,6 +90,20 @@ pub fn images_json<'a>(items: impl Iterator<Item = (&'a str, i64, bool)>) -> Str
     out
 }
 
+/// Replication lag after this batch: the age of its newest change while more changes
+/// wait at the branch, 0 once caught up.
+pub fn lag_seconds(resp: &ChangesResponse) -> f64 {
+    if !resp.more {
+        return 0.0;
+    }
+    resp.changes
+        .iter()
+        .map(|c| c.ts)
+        .max()
+        .map(|ts| (chrono::Utc::now() - ts).num_milliseconds().max(0) as f64 / 1000.0)
+        .unwrap_or(0.0)
+}
+
 /// Applies a validated batch in one transaction.
 pub async fn apply_batch(
     pool: &PgPool,
@@ -165,16 +179,7 @@ pub async fn apply_batch(
         rows += r.rows_affected();
     }
 
-    let lag = if resp.more {
-        resp.changes
-            .iter()
-            .map(|c| c.ts)
-            .max()
-            .map(|ts| (chrono::Utc::now() - ts).num_milliseconds().max(0) as f64 / 1000.0)
-            .unwrap_or(0.0)
-    } else {
-        0.0
-    };
+    let lag = lag_seconds(resp);
     sqlx::query(
         "UPDATE sync.locations SET cursor = $2, instance_id = $3, state = 'ok', paused_reason = NULL, \
          last_success_at = now(), backlog = $4, lag_seconds = $5, \

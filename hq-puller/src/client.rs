@@ -14,7 +14,8 @@ pub const MAX_BODY_BYTES: usize = 512 * 1024 * 1024;
 pub struct Client {
     http: reqwest::Client,
     changes_url: url::Url,
-    token: String,
+    /// The first token of the location's token file is sent (redacted in `Debug`).
+    tokens: schemas::secret::Tokens,
     request_timeout: Duration,
 }
 
@@ -45,7 +46,7 @@ impl Client {
         Ok(Client {
             http,
             changes_url,
-            token: loc.tokens.current().to_string(),
+            tokens: loc.tokens.clone(),
             request_timeout: loc.request_timeout,
         })
     }
@@ -73,7 +74,7 @@ impl Client {
         let resp = self
             .http
             .get(url)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.tokens.current())
             .timeout(timeout)
             .send()
             .await

@@ -74,13 +74,19 @@ impl Error {
     }
 }
 
-/// Classifies a PostgreSQL error: data errors (SQLSTATE classes 22 and 23) and schema
-/// errors (42: mirror tables missing or out of date) are permanent, the rest (connection,
-/// serialization, shutdown) transient.
+/// Classifies a PostgreSQL error: data errors (SQLSTATE classes 22 and 23), cardinality
+/// violations (21: one key written twice by one upsert, i.e. two spellings of one key in
+/// a batch) and schema errors (42: mirror tables missing or out of date) are permanent,
+/// the rest (connection, serialization, shutdown) transient.
 pub fn db_error_kind(e: &sqlx::Error) -> ErrorKind {
     match e {
         sqlx::Error::Database(db) => match db.code().as_deref() {
-            Some(c) if c.starts_with("22") || c.starts_with("23") || c.starts_with("42") => {
+            Some(c)
+                if c.starts_with("21")
+                    || c.starts_with("22")
+                    || c.starts_with("23")
+                    || c.starts_with("42") =>
+            {
                 ErrorKind::Permanent
             }
             _ => ErrorKind::Transient,

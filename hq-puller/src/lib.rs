@@ -153,6 +153,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             "marked runs of a previous process as interrupted"
         );
     }
+    for row in store::status(&app.pool).await? {
+        metrics::set_state(&row.id, &row.state);
+    }
     if let Some(addr) = app.settings.metrics_listen {
         if let Some(handle) = metrics::install() {
             let token = shutdown.clone();

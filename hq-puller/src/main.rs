@@ -155,7 +155,7 @@ async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, 
             let mut failed = false;
             for r in &reports {
                 // A paused location that was not pulled is not caught up either.
-                failed |= r.failed() || r.outcome == "skipped";
+                failed |= r.failed() || r.outcome == hq_puller::pull::SKIPPED;
                 println!(
                     "{}: {} changes in {} batches, {}{}",
                     r.location,
@@ -176,7 +176,11 @@ async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, 
         }
         Command::Status { json } => {
             let app = App::connect(settings, CancellationToken::new()).await?;
-            let rows = hq_puller::store::status(&app.pool).await?;
+            let rows = hq_puller::status::build(
+                hq_puller::store::status(&app.pool).await?,
+                &app.settings,
+                chrono::Utc::now(),
+            );
             if json {
                 println!("{}", hq_puller::status::json(&rows));
             } else {

@@ -2,12 +2,15 @@
 //! the run budget ends, or shutdown. The cursor only moves inside the apply transaction;
 //! a failure never touches it.
 
-use crate::apply::{apply_batch, Applied};
+use crate::apply::{apply_batch, lag_seconds, Applied};
+use crate::config::Location;
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{self, outcome, state, RunTotals};
 use crate::{metrics as m, App};
+use schemas::Cursor;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
+use uuid::Uuid;
 
 /// The result of one run.
 #[derive(Debug, Clone)]
@@ -23,10 +26,27 @@ pub struct RunReport {
     pub error_kind: Option<ErrorKind>,
 }
 
+/// Outcome of a run that was not pulled (paused / needs resync).
+pub const SKIPPED: &str = "skipped";
+
 impl RunReport {
     pub fn failed(&self) -> bool {
         self.error.is_some()
     }
+}
+
+/// Where a run is in the stream.
+struct Position {
+    cursor: Option<Cursor>,
+    instance: Option<Uuid>,
+}
+
+/// What one fetch → validate → apply step did.
+enum Step {
+    Applied { more: bool },
+    CaughtUp,
+    AppliedElsewhere,
+    Interrupted,
 }
 
 /// Drains one location. `wait` long-polls the first request (stream mode).
@@ -38,13 +58,13 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
         .clone();
     let row = store::load_location(&app.pool, &loc.id).await?;
     if row.state == state::PAUSED || row.state == state::NEEDS_RESYNC {
-        tracing::debug!(location = %loc.id, state = %row.state, "not pulling: run hq-puller resume");
+        tracing::debug!(location = %loc.id, state = %row.state, "not pulling until hq-puller resume");
         m::set_state(&loc.id, &row.state);
         return Ok(RunReport {
             location: loc.id.clone(),
             run_id: None,
             totals: RunTotals::default(),
-            outcome: "skipped".into(),
+            outcome: SKIPPED.into(),
             error: None,
             error_kind: None,
         });
@@ -52,111 +72,19 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
     let run_id = store::start_run(&app.pool, &loc.id, row.cursor.as_ref()).await?;
     let span = tracing::info_span!("run", location = %loc.id, run_id);
     async move {
-        let client = app.client(&loc.id)?;
-        let started = Instant::now();
+        let mut pos = Position {
+            cursor: row.cursor,
+            instance: row.instance_id,
+        };
         let mut totals = RunTotals::default();
-        let mut cursor = row.cursor;
-        let mut instance = row.instance_id;
-        let mut wait = wait;
-        let result: Result<&'static str> = async {
-            loop {
-                if app.shutdown.is_cancelled() {
-                    return Ok(outcome::INTERRUPTED);
-                }
-                if totals.batches > 0 && started.elapsed() >= app.settings.run_budget {
-                    tracing::info!("run budget used up, continuing at the next fire");
-                    return Ok(outcome::OK);
-                }
-                let t0 = Instant::now();
-                let fetched = tokio::select! {
-                    r = client.changes(cursor.as_ref(), loc.batch_limit, wait.take()) => r?,
-                    _ = app.shutdown.cancelled() => return Ok(outcome::INTERRUPTED),
-                };
-                metrics::histogram!(m::PULL_DURATION, "location" => loc.id.clone())
-                    .record(t0.elapsed().as_secs_f64());
-                let resp = &fetched.response;
-                let expected = crate::validate::Expected {
-                    location: loc.id.clone(),
-                    after: cursor,
-                    instance_id: instance,
-                };
-                let checked = crate::validate::check(resp, &expected, &app.settings.catalogue)?;
-                let n = checked.changes.len();
-                let after_tick = cursor.map(|c| c.tick).unwrap_or(0);
-                if n == 0 && resp.next == cursor.unwrap_or(resp.next) && cursor.is_some() {
-                    // Caught up: nothing to store.
-                    return Ok(outcome::OK);
-                }
-                let t1 = Instant::now();
-                // The apply is not raced against shutdown: an in-flight batch commits or
-                // rolls back on its own.
-                let applied = apply_batch(
-                    &app.pool,
-                    &app.settings.catalogue,
-                    &app.statements,
-                    &loc.id,
-                    resp,
-                    &checked,
-                )
-                .await?;
-                metrics::histogram!(m::APPLY_DURATION, "location" => loc.id.clone())
-                    .record(t1.elapsed().as_secs_f64());
-                match applied {
-                    Applied::AlreadyApplied => {
-                        tracing::warn!(
-                            after_tick,
-                            next_tick = resp.next.tick,
-                            "batch already applied by another process, stopping this run"
-                        );
-                        return Ok(outcome::OK);
-                    }
-                    Applied::Committed { rows } => {
-                        totals.batches += 1;
-                        totals.changes += n as i64;
-                        totals.bytes += fetched.bytes as i64;
-                        tracing::info!(
-                            after_tick,
-                            next_tick = resp.next.tick,
-                            changes = n,
-                            rows,
-                            bytes = fetched.bytes,
-                            backlog = resp.backlog,
-                            "batch applied"
-                        );
-                        let l = loc.id.clone();
-                        metrics::counter!(m::APPLIED_CHANGES, "location" => l.clone()).increment(n as u64);
-                        metrics::counter!(m::APPLIED_BYTES, "location" => l.clone()).increment(fetched.bytes);
-                        metrics::gauge!(m::BACKLOG, "location" => l.clone()).set(resp.backlog as f64);
-                        metrics::gauge!(m::LAST_SUCCESS, "location" => l.clone())
-                            .set(chrono::Utc::now().timestamp() as f64);
-                        let lag = if resp.more {
-                            resp.changes.iter().map(|c| c.ts).max()
-                                .map(|ts| (chrono::Utc::now() - ts).num_milliseconds().max(0) as f64 / 1000.0)
-                                .unwrap_or(0.0)
-                        } else {
-                            0.0
-                        };
-                        metrics::gauge!(m::LAG, "location" => l).set(lag);
-                        cursor = Some(resp.next);
-                        instance = Some(resp.instance_id);
-                    }
-                }
-                if !resp.more {
-                    return Ok(outcome::OK);
-                }
-            }
-        }
-        .await;
+        let result = run_loop(app, &loc, &mut pos, &mut totals, wait).await;
         let (out, err) = match result {
             Ok(o) => {
-                m::set_state(&loc.id, state::OK);
                 if o == outcome::OK && totals.batches == 0 {
-                    // A caught-up run still clears a `failing` state.
-                    sqlx::query("UPDATE sync.locations SET state = 'ok', last_success_at = now() WHERE id = $1 AND state = 'failing'")
-                        .bind(&loc.id)
-                        .execute(&app.pool)
-                        .await?;
+                    // A caught-up run also clears a `failing` state.
+                    store::clear_failing(&app.pool, &loc.id).await?;
                 }
+                m::set_state(&loc.id, state::OK);
                 (o, None)
             }
             Err(e) => {
@@ -170,9 +98,10 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
                 if kind == ErrorKind::Transient {
                     tracing::warn!(error = %msg, "pull failed, will retry");
                 } else {
-                    tracing::error!(error = %msg, state = st, "location stopped until an operator acts (hq-puller resume)");
+                    tracing::error!(error = %msg, state = st, "location stopped until an operator runs hq-puller resume");
                 }
-                metrics::counter!(m::ERRORS, "location" => loc.id.clone(), "kind" => kind.as_str()).increment(1);
+                metrics::counter!(m::ERRORS, "location" => loc.id.clone(), "kind" => kind.as_str())
+                    .increment(1);
                 store::record_failure(&app.pool, &loc.id, st, &msg).await?;
                 m::set_state(&loc.id, st);
                 (o, Some((msg, kind)))
@@ -182,7 +111,7 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
             &app.pool,
             run_id,
             &totals,
-            cursor.as_ref(),
+            pos.cursor.as_ref(),
             out,
             err.as_ref().map(|(m, _)| m.as_str()),
         )
@@ -200,13 +129,126 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
     .await
 }
 
-/// Exponential backoff with jitter after `failures` consecutive failures.
+async fn run_loop(
+    app: &App,
+    loc: &Location,
+    pos: &mut Position,
+    totals: &mut RunTotals,
+    mut wait: Option<u32>,
+) -> Result<&'static str> {
+    let started = Instant::now();
+    loop {
+        if app.shutdown.is_cancelled() {
+            return Ok(outcome::INTERRUPTED);
+        }
+        if totals.batches > 0 && started.elapsed() >= app.settings.run_budget {
+            tracing::info!("run budget used up, continuing at the next fire");
+            return Ok(outcome::OK);
+        }
+        match step(app, loc, pos, totals, wait.take()).await? {
+            Step::Applied { more: true } => continue,
+            Step::Applied { more: false } | Step::CaughtUp => return Ok(outcome::OK),
+            Step::AppliedElsewhere => return Ok(outcome::OK),
+            Step::Interrupted => return Ok(outcome::INTERRUPTED),
+        }
+    }
+}
+
+async fn step(
+    app: &App,
+    loc: &Location,
+    pos: &mut Position,
+    totals: &mut RunTotals,
+    wait: Option<u32>,
+) -> Result<Step> {
+    let client = app.client(&loc.id)?;
+    let t0 = Instant::now();
+    // A fetch is abandoned on shutdown: nothing has been applied yet.
+    let fetched = tokio::select! {
+        r = client.changes(pos.cursor.as_ref(), loc.batch_limit, wait) => r?,
+        _ = app.shutdown.cancelled() => return Ok(Step::Interrupted),
+    };
+    metrics::histogram!(m::PULL_DURATION, "location" => loc.id.clone())
+        .record(t0.elapsed().as_secs_f64());
+    let resp = &fetched.response;
+    let expected = crate::validate::Expected {
+        location: loc.id.clone(),
+        after: pos.cursor,
+        instance_id: pos.instance,
+    };
+    let checked = crate::validate::check(resp, &expected, &app.settings.catalogue)?;
+    let n = checked.changes.len();
+    if n == 0 && Some(resp.next) == pos.cursor {
+        return Ok(Step::CaughtUp);
+    }
+    let after_tick = pos.cursor.map(|c| c.tick).unwrap_or(0);
+    let t1 = Instant::now();
+    // The apply is not raced against shutdown: an in-flight batch commits or rolls back.
+    let applied = apply_batch(
+        &app.pool,
+        &app.settings.catalogue,
+        &app.statements,
+        &loc.id,
+        resp,
+        &checked,
+    )
+    .await?;
+    metrics::histogram!(m::APPLY_DURATION, "location" => loc.id.clone())
+        .record(t1.elapsed().as_secs_f64());
+    let Applied::Committed { rows } = applied else {
+        tracing::warn!(
+            after_tick,
+            next_tick = resp.next.tick,
+            "batch already applied by another process, ending this run"
+        );
+        return Ok(Step::AppliedElsewhere);
+    };
+    totals.batches += 1;
+    totals.changes += n as i64;
+    totals.bytes += fetched.bytes as i64;
+    tracing::info!(
+        after_tick,
+        next_tick = resp.next.tick,
+        changes = n,
+        rows,
+        bytes = fetched.bytes,
+        backlog = resp.backlog,
+        "batch applied"
+    );
+    let l = loc.id.clone();
+    metrics::counter!(m::APPLIED_CHANGES, "location" => l.clone()).increment(n as u64);
+    metrics::counter!(m::APPLIED_BYTES, "location" => l.clone()).increment(fetched.bytes);
+    metrics::gauge!(m::BACKLOG, "location" => l.clone()).set(resp.backlog as f64);
+    metrics::gauge!(m::LAG, "location" => l.clone()).set(lag_seconds(resp));
+    metrics::gauge!(m::LAST_SUCCESS, "location" => l).set(chrono::Utc::now().timestamp() as f64);
+    pos.cursor = Some(resp.next);
+    pos.instance = Some(resp.instance_id);
+    Ok(Step::Applied { more: resp.more })
+}
+
+/// Exponential backoff with jitter after `failures` consecutive failures: 1 s, 2 s,
+/// 4 s … capped at 5 min, each times a random factor in [0.5, 1).
 pub fn backoff(failures: u32) -> Duration {
     let base = Duration::from_secs(1);
     let max = Duration::from_secs(300);
     let exp = base
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
         .min(max);
-    let jitter = rand::random::<f64>() * 0.5 + 0.5;
-    exp.mul_f64(jitter)
+    exp.mul_f64(rand::random::<f64>() * 0.5 + 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for _ in 0..50 {
+            let d1 = backoff(1);
+            assert!(d1 >= Duration::from_millis(500) && d1 < Duration::from_secs(1));
+            let d4 = backoff(4);
+            assert!(d4 >= Duration::from_secs(4) && d4 < Duration::from_secs(8));
+            assert!(backoff(40) < Duration::from_secs(300));
+        }
+    }
 }

@@ -207,7 +207,7 @@ async fn stream_task(app: Arc<App>, slots: Slots, id: String) {
                 }
             }
             match pull::drain(&app, &id, Some(STREAM_WAIT_SECONDS)).await {
-                Ok(r) if r.outcome == "skipped" => Some(Duration::from_secs(5)),
+                Ok(r) if r.outcome == pull::SKIPPED => Some(Duration::from_secs(5)),
                 Ok(r) if !r.failed() => {
                     after_run(&slots, &id, false);
                     // A listener that answers an empty long-poll at once (not honouring

@@ -145,6 +145,18 @@ pub async fn record_failure(pool: &PgPool, id: &str, new_state: &str, error: &st
     Ok(())
 }
 
+/// A successful run that found nothing to apply still ends a `failing` state.
+pub async fn clear_failing(pool: &PgPool, id: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE sync.locations SET state = 'ok', last_success_at = now(), updated_at = now() \
+         WHERE id = $1 AND state IN ('ok', 'failing')",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// `hq-puller resume`: back to `ok` after the operator fixed the cause. Returns the
 /// previous state.
 pub async fn resume(pool: &PgPool, id: &str) -> Result<String> {

@@ -991,6 +991,9 @@ async fn status_json_lists_every_location() {
         .unwrap()
         .contains("unknown table"));
     assert_eq!(bad["last_run_outcome"], "paused");
+    // No service ran: the scheduled jobs never fired.
+    assert_eq!(bad["job_stalled"], true);
+    assert_eq!(bad["mode"], "schedule");
 
     // The table form names the same.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hq-puller"))
