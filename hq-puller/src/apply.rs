@@ -15,6 +15,8 @@
 
 use crate::error::{db_error_kind, Error, ErrorKind, Result};
 use crate::validate::CheckedBatch;
+use schemas::catalogue::{ColumnType, Table};
+use schemas::sql::{lit, q};
 use schemas::wire::ChangesResponse;
 use schemas::Catalogue;
 use sqlx::PgPool;
@@ -65,6 +67,49 @@ fn apply_error(e: sqlx::Error, table: Option<&str>) -> Error {
         ErrorKind::NeedsResync => Error::resync(message),
         ErrorKind::Transient => Error::transient(message),
     }
+}
+
+/// After a data error, finds the first column whose values PostgreSQL refuses, so that
+/// the pause reason names it (the error itself often names only the type). Runs outside
+/// the failed transaction; `None` when no single column explains the error.
+async fn guilty_column(
+    pool: &PgPool,
+    table: &Table,
+    json: &str,
+    time_zone: &str,
+) -> Option<String> {
+    let mut conn = pool.acquire().await.ok()?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.ok()?;
+    sqlx::query("SELECT set_config('TimeZone', $1, true)")
+        .bind(time_zone)
+        .execute(&mut *tx)
+        .await
+        .ok()?;
+    for c in &table.columns {
+        let r = format!("r.{}", q(&c.name));
+        let value = match c.ty {
+            ColumnType::Blob => format!("decode({r}, 'hex')::text"),
+            ColumnType::Numeric { precision, scale } => format!(
+                "sync.fit_numeric({r}, {precision}, {scale}, {})::text",
+                lit(&format!("{}.{}", table.name, c.name))
+            ),
+            _ => format!("{r}::text"),
+        };
+        let sql = format!(
+            "SELECT count({value}) FROM jsonb_to_recordset($1::jsonb) AS r({} {})",
+            q(&c.name),
+            c.ty.hq_decode_type()
+        );
+        let failed = sqlx::query(&sql)
+            .bind(json)
+            .execute(&mut *tx)
+            .await
+            .is_err();
+        if failed {
+            return Some(c.name.clone());
+        }
+    }
+    None
 }
 
 /// Builds `[img1,img2,...]` with `"_seq":N,"_deleted":b` spliced into each image object.
@@ -170,12 +215,32 @@ pub async fn apply_batch(
             let c = &batch.changes[*i];
             (c.image, c.seq, c.deleted)
         }));
-        let r = sqlx::query(&statements.upserts[ti])
-            .bind(json)
+        let table = &catalogue.tables[ti];
+        let r = match sqlx::query(&statements.upserts[ti])
+            .bind(&json)
             .bind(location)
             .execute(&mut *tx)
             .await
-            .map_err(|e| apply_error(e, Some(&catalogue.tables[ti].name)))?;
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let is_data = matches!(&e, sqlx::Error::Database(d)
+                    if d.code().is_some_and(|c| c.starts_with("22")));
+                drop(tx); // rolls back
+                let column = if is_data {
+                    guilty_column(pool, table, &json, &resp.time_zone).await
+                } else {
+                    None
+                };
+                return Err(apply_error(
+                    e,
+                    Some(&match column {
+                        Some(c) => format!("{}, column {}.{c}", table.name, table.name),
+                        None => table.name.clone(),
+                    }),
+                ));
+            }
+        };
         rows += r.rows_affected();
     }
 

@@ -8,7 +8,7 @@ use schemas::Cursor;
 use std::time::Duration;
 
 /// Largest response body accepted (decompressed), against a hostile or broken listener.
-pub const MAX_BODY_BYTES: usize = 512 * 1024 * 1024;
+pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -71,7 +71,7 @@ impl Client {
             }
         }
         let timeout = self.request_timeout + Duration::from_secs(u64::from(wait.unwrap_or(0)));
-        let resp = self
+        let mut resp = self
             .http
             .get(url)
             .bearer_auth(self.tokens.current())
@@ -80,22 +80,27 @@ impl Client {
             .await
             .map_err(|e| Error::transient(describe(&e)))?;
         let status = resp.status();
+        let too_big = |n: u64| {
+            Error::permanent(format!(
+                "listener response of {n} bytes or more exceeds the limit of {MAX_BODY_BYTES} bytes"
+            ))
+        };
         if let Some(len) = resp.content_length() {
-            if len as usize > MAX_BODY_BYTES {
-                return Err(Error::permanent(format!(
-                    "listener response of {len} bytes exceeds the limit of {MAX_BODY_BYTES}"
-                )));
+            if len > MAX_BODY_BYTES as u64 {
+                return Err(too_big(len));
             }
         }
-        let body = resp
-            .bytes()
+        // Read chunk by chunk so that an endless (or decompression-bomb) body is cut off.
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| Error::transient(describe(&e)))?;
-        if body.len() > MAX_BODY_BYTES {
-            return Err(Error::permanent(format!(
-                "listener response of {} bytes exceeds the limit of {MAX_BODY_BYTES}",
-                body.len()
-            )));
+            .map_err(|e| Error::transient(describe(&e)))?
+        {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(too_big((body.len() + chunk.len()) as u64));
+            }
+            body.extend_from_slice(&chunk);
         }
         if !status.is_success() {
             return Err(http_error(status, &body));

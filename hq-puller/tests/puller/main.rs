@@ -685,6 +685,34 @@ async fn values_arrive_exactly() {
     assert_eq!(cursor_tick(hq.pool(), "b04").await, 2);
 }
 
+#[tokio::test]
+async fn a_value_of_the_wrong_type_pauses_naming_the_column() {
+    let branch = Branch::new("b4t").window(vec![ch(
+        1,
+        "inventory",
+        "I",
+        &pk(1),
+        Some(r#"{"product_id":1,"quantity_on_hand":"abc"}"#),
+    )]);
+    let (_fake, base) = Fake::start(vec![branch]).await;
+    let hq = hq(&[("b4t", &base)], "").await;
+    let r = pull(&hq, &["b4t"]).await;
+    assert_eq!(r[0].outcome, "paused");
+    let (state, cursor, reason) = loc_row(hq.pool(), "b4t").await;
+    assert_eq!((state.as_str(), cursor), ("paused", None));
+    let reason = reason.unwrap();
+    assert!(
+        reason.contains("column inventory.quantity_on_hand"),
+        "{reason}"
+    );
+    assert!(reason.contains("abc"), "{reason}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM hq.inventory")
+        .fetch_one(hq.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
 // 5 ------------------------------------------------------------------------------------
 
 fn check_config(dir: &Path, toml: &str) -> (i32, String, String) {
