@@ -115,22 +115,31 @@ impl Client {
     }
 }
 
+/// A short description of a transport error: what failed, where (URL without query),
+/// and the root cause. reqwest's errors never contain headers: the token stays out.
 fn describe(e: &reqwest::Error) -> String {
     let what = if e.is_timeout() {
-        "request timed out"
+        "request to the listener timed out"
     } else if e.is_connect() {
         "cannot connect to the listener"
+    } else if e.is_body() || e.is_decode() {
+        "reading the listener's response failed"
     } else {
         "request to the listener failed"
     };
-    // reqwest's Display never contains headers, so the token stays out of logs.
-    let mut msg = format!("{what}: {e}");
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
+    let at = e
+        .url()
+        .map(|u| {
+            let mut u = u.clone();
+            u.set_query(None);
+            format!(" at {u}")
+        })
+        .unwrap_or_default();
+    let mut root: &dyn std::error::Error = e;
+    while let Some(s) = root.source() {
+        root = s;
     }
-    msg
+    format!("{what}{at}: {root}")
 }
 
 /// Maps an HTTP error status (and the listener's error body, when it has one) to a kind.
