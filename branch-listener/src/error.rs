@@ -143,3 +143,55 @@ impl IntoResponse for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(e: Error) -> (u16, ErrorBody) {
+        let resp = e.into_response();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn database_text_never_reaches_the_client() {
+        let (status, b) = body(Error::Database(
+            "syntax error near SELECT secret FROM t".into(),
+        ))
+        .await;
+        assert_eq!((status, b.error.code.as_str()), (500, "internal"));
+        assert!(!b.error.message.contains("SELECT"), "{}", b.error.message);
+        let (status, b) = body(Error::Unavailable("connection to 10.0.0.1 refused".into())).await;
+        assert_eq!((status, b.error.code.as_str()), (503, "unavailable"));
+        assert!(!b.error.message.contains("10.0.0.1"));
+    }
+
+    #[tokio::test]
+    async fn protocol_errors_map_to_their_codes() {
+        let ours = Uuid::new_v4();
+        let theirs = Uuid::new_v4();
+        let (status, b) = body(Error::InstanceMismatch { ours, theirs }).await;
+        assert_eq!((status, b.error.code.as_str()), (409, "instance_mismatch"));
+        assert!(
+            b.error.message.contains(&ours.to_string())
+                && b.error.message.contains(&theirs.to_string())
+        );
+        assert_eq!(body(Error::Pruned("x".into())).await.0, 410);
+        assert_eq!(body(Error::LineageMismatch("x".into())).await.0, 409);
+        assert_eq!(body(Error::BadRequest("x".into())).await.0, 400);
+        assert_eq!(body(Error::Unauthorized).await.0, 401);
+        assert_eq!(body(Error::NotInstalled).await.0, 503);
+    }
+
+    #[test]
+    fn connection_failures_are_retryable() {
+        let e: Error = sqlx::Error::PoolTimedOut.into();
+        assert_eq!(e.kind(), ErrorKind::Retryable);
+        let e: Error = sqlx::Error::RowNotFound.into();
+        assert_eq!(e.kind(), ErrorKind::Permanent);
+    }
+}
