@@ -220,13 +220,16 @@ async fn changes(
     };
     if let Some(c) = &p.after {
         if c.tick > meta.acked_tick {
-            db.ack(c.tick).await?;
+            // Busy (SQLite: a long application write transaction): the next request
+            // acknowledges again, acknowledgements are monotonic.
+            tolerate_busy(db.ack(c.tick).await, "acknowledge")?;
         }
     }
     let deadline = Instant::now() + p.wait;
     let (end, changes) = loop {
         let waiter = (!p.wait.is_zero()).then(|| state.wake.subscribe());
-        db.tick_if_new().await?;
+        // Busy: serve the windows already ticked (the ticker catches up).
+        tolerate_busy(db.tick_if_new().await.map(|_| ()), "tick")?;
         let (end, changes) = db.read_batch(&start, p.limit).await?;
         let now = Instant::now();
         let Some(mut waiter) = waiter else {
@@ -258,6 +261,18 @@ async fn changes(
         backlog: pull_area::backlog(&end, &newest),
         changes,
     }))
+}
+
+/// Ignores a retryable failure of an optional write (a later read fails anyway if the
+/// database is really unreachable).
+fn tolerate_busy(r: Result<()>, what: &str) -> Result<()> {
+    match r {
+        Err(e @ Error::Unavailable(_)) => {
+            tracing::debug!(error = %e, what, "skipped: branch database busy");
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 async fn status(State(state): State<AppState>) -> Result<Json<StatusResponse>> {
