@@ -230,6 +230,12 @@ async fn stream_task(app: Arc<App>, slots: Slots, id: String) {
     }
 }
 
+/// Whether a job whose last fire was `since_fire` ago, with cron period `period`, missed
+/// two periods (one second of slack for scheduling jitter).
+pub fn is_stalled(since_fire: Duration, period: Duration) -> bool {
+    since_fire > period * 2 + Duration::from_secs(1)
+}
+
 /// Flags and re-registers cron jobs that stopped firing.
 async fn watchdog(app: Arc<App>, sched: JobScheduler, slots: Slots) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -256,7 +262,7 @@ async fn watchdog(app: Arc<App>, sched: JobScheduler, slots: Slots) {
                 let Some(slot) = s.get_mut(&loc.id) else {
                     continue;
                 };
-                if !slot.stalled && slot.last_fire.elapsed() > period * 2 + Duration::from_secs(1) {
+                if !slot.stalled && is_stalled(slot.last_fire.elapsed(), period) {
                     slot.stalled = true;
                     slot.last_fire = Instant::now();
                     stalled.push((loc.id.clone(), loc.schedule.clone(), slot.job_id));
@@ -278,5 +284,18 @@ async fn watchdog(app: Arc<App>, sched: JobScheduler, slots: Slots) {
                 Err(e) => tracing::error!(location = %id, error = %e, "re-registering the job"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stall_is_two_missed_periods() {
+        let p = Duration::from_secs(10);
+        assert!(!is_stalled(Duration::from_secs(15), p));
+        assert!(!is_stalled(Duration::from_secs(21), p));
+        assert!(is_stalled(Duration::from_millis(21_001), p));
     }
 }

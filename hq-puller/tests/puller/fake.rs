@@ -212,9 +212,19 @@ pub struct Counters {
 pub struct Fake {
     pub branches: Arc<Mutex<HashMap<String, Branch>>>,
     pub counters: Arc<Mutex<HashMap<String, Arc<Counters>>>>,
+    /// Over all locations of this server.
+    pub total: Arc<Counters>,
 }
 
 struct InFlight(Arc<Counters>);
+impl InFlight {
+    fn enter(c: Arc<Counters>) -> InFlight {
+        c.requests.fetch_add(1, Ordering::SeqCst);
+        let now = c.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        c.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(c)
+    }
+}
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -267,13 +277,11 @@ async fn handler(
     let Some(counters) = fake.counters.lock().unwrap().get(&loc).cloned() else {
         return error(StatusCode::NOT_FOUND, "not_found", "no such branch");
     };
-    counters.requests.fetch_add(1, Ordering::SeqCst);
     if q.get("wait").map(String::as_str) == Some("25") {
         counters.waits.fetch_add(1, Ordering::SeqCst);
     }
-    let now = counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    let _guard = InFlight(counters);
+    let _guard = InFlight::enter(counters);
+    let _total = InFlight::enter(fake.total.clone());
     if headers.get("authorization").and_then(|v| v.to_str().ok())
         != Some(&format!("Bearer {TOKEN}"))
     {

@@ -854,6 +854,33 @@ async fn a_hanging_and_a_failing_branch_do_not_stop_a_healthy_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_are_bounded_by_max_concurrent_pulls() {
+    let ids: Vec<String> = (1..=6).map(|i| format!("c{i}")).collect();
+    let branches = ids
+        .iter()
+        .map(|i| {
+            let mut b = Branch::new(i).window(vec![]).window(vec![]);
+            b.delay = Duration::from_millis(200);
+            b
+        })
+        .collect();
+    let (fake, base) = Fake::start(branches).await;
+    let locs: Vec<(&str, &str)> = ids.iter().map(|i| (i.as_str(), base.as_str())).collect();
+    let hq = hq(&locs, "max_concurrent_pulls = 2").await;
+    let all: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let reports = pull(&hq, &all).await;
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.outcome == "ok" && r.totals.batches == 2),
+        "{reports:?}"
+    );
+    assert_eq!(fake.total.requests.load(Ordering::SeqCst), 12);
+    let max = fake.total.max_in_flight.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&max), "{max} pulls at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_six_cron_jobs_keep_firing_under_load() {
     let ids: Vec<String> = (1..=46).map(|i| format!("b{i:02}")).collect();
     let (fake, base) = Fake::start(ids.iter().map(|i| Branch::new(i)).collect()).await;
