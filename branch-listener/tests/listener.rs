@@ -1328,3 +1328,80 @@ async fn binary_installs_serves_and_stops_gracefully() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stdout).contains("uninstalled"));
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------
+// Background tasks: the ticker ticks only when there is something new; the pruner runs
+// by itself.
+
+async fn background_ticker_and_pruner(backend: Backend) -> Result<()> {
+    let mut b = installed(backend).await?;
+    b.config.tick_interval = Duration::from_millis(50);
+    b.config.prune_interval = Duration::from_millis(100);
+    b.config.retention = Duration::ZERO;
+    let (ticks_sql, changes_sql) = match backend {
+        Backend::Sqlite => (
+            "SELECT tick_id, NULL FROM _pull_ticks",
+            "SELECT seq, NULL FROM _pull_changes",
+        ),
+        Backend::Pg => (
+            "SELECT tick_id, NULL::text FROM pull.ticks",
+            "SELECT seq, NULL::text FROM pull.changes",
+        ),
+    };
+    let server = Server::start(&b.config).await?;
+    let ticks = |app: AppDb| async move { anyhow::Ok(app.pairs(ticks_sql).await?.len()) };
+    assert_eq!(ticks(b.app.clone()).await?, 1, "only the install tick");
+    // Idle: several tick intervals pass without a tick.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ticks(b.app.clone()).await?, 1, "no tick while idle");
+    b.app.exec(&product(1, "a", "1")).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ticks(b.app.clone()).await? < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ticker never ticked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ticks(b.app.clone()).await?,
+        2,
+        "one tick for one change, then idle again"
+    );
+
+    // HQ acknowledges the change; the pruner deletes it without being asked.
+    let r = server.changes(None, 10, 0).await?;
+    assert_eq!(r.changes.len(), 1);
+    b.app.exec(&product(2, "b", "1")).await?;
+    let r2 = server.changes(Some(&r.next), 10, 0).await?;
+    assert_eq!(r2.changes.len(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<i64> = b
+            .app
+            .pairs(changes_sql)
+            .await?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        if left == vec![r2.changes[0].seq] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pruner never pruned: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, text) = server.get("/metrics", Some(TOKEN)).await?;
+    for m in [
+        "branch_listener_pruned_changes_total",
+        "branch_listener_ticks_total",
+        "branch_listener_served_changes_total",
+    ] {
+        assert!(text.contains(m), "{m} missing:\n{text}");
+    }
+    server.stop().await
+}
+both!(background_ticker_and_pruner);
