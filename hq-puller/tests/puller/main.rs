@@ -926,7 +926,12 @@ async fn stream_mode_long_polls_and_applies() {
     let mut b = Branch::new("st1");
     b.grow = true;
     let (fake, base) = Fake::start(vec![b]).await;
-    let hq = hq_with(&[("st1", &base, "mode = \"stream\"")], "").await;
+    let port = tests::process::free_port().unwrap();
+    let hq = hq_with(
+        &[("st1", &base, "mode = \"stream\"")],
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+    )
+    .await;
     let shutdown = CancellationToken::new();
     let svc = tokio::spawn(hq_puller::run(hq.settings.clone(), shutdown.clone()));
     eventually(30, "stream location applied 3 batches", || async {
@@ -939,6 +944,22 @@ async fn stream_mode_long_polls_and_applies() {
         "long-polls carry wait=25"
     );
     assert_eq!(c.max_in_flight.load(Ordering::SeqCst), 1);
+    // The service's /metrics endpoint.
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "hq_puller_applied_changes_total{location=\"st1\"}",
+        "hq_puller_last_success_timestamp_seconds{location=\"st1\"}",
+        "hq_puller_backlog_changes{location=\"st1\"}",
+        "hq_puller_lag_seconds{location=\"st1\"}",
+        "hq_puller_location_state{location=\"st1\",state=\"ok\"} 1",
+    ] {
+        assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");
+    }
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), svc)
         .await
