@@ -609,7 +609,7 @@ async fn values_arrive_exactly() {
         .window(vec![
             ch(1, "products", "I", r#"{"product_id":9223372036854775807}"#, Some(&p1)),
             ch(2, "products", "I", r#"{"product_id":-9223372036854775808}"#, Some(p2)),
-            ch(3, "inventory", "I", r#"{"product_id":1}"#, Some(r#"{"product_id":1,"quantity_on_hand":9223372036854775807,"reorder_level":-9223372036854775808}"#)),
+            ch(3, "inventory", "I", r#"{"product_id":1}"#, Some(r#"{"product_id":1,"quantity_on_hand":9223372036854775807,"reorder_level":-9223372036854775808,"updated_at":"2026-03-01T09:30:00+01:00"}"#)),
         ])
         .window(vec![ch(4, "products", "U", &pk(5), Some(&product(5, "1.234", "too precise")))]);
     branch.time_zone = "Asia/Tokyo".into();
@@ -659,14 +659,21 @@ async fn values_arrive_exactly() {
             ),
         ]
     );
-    let inv: (String, String) =
-        sqlx::query_as("SELECT quantity_on_hand::text, reorder_level::text FROM hq.inventory")
-            .fetch_one(hq.pool())
-            .await
-            .unwrap();
+    // A timestamp with an offset (PostgreSQL branch) keeps its instant whatever the zone.
+    let inv: (String, String, String) = sqlx::query_as(
+        "SELECT quantity_on_hand::text, reorder_level::text, \
+           to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM hq.inventory",
+    )
+    .fetch_one(hq.pool())
+    .await
+    .unwrap();
     assert_eq!(
         inv,
-        ("9223372036854775807".into(), "-9223372036854775808".into())
+        (
+            "9223372036854775807".into(),
+            "-9223372036854775808".into(),
+            "2026-03-01 08:30".into()
+        )
     );
 
     // 1.234 does not fit numeric(12,2): paused, column named, nothing rounded.
