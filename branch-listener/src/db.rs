@@ -20,12 +20,14 @@ pub enum Db {
 
 /// How long a request waits for a pooled connection before answering 503.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a SQLite statement waits for a lock held by the application.
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn sqlite_options(url: &str, create_if_missing: bool) -> Result<SqliteConnectOptions> {
     Ok(SqliteConnectOptions::from_str(url)
         .map_err(|e| Error::config("database_url", format!("not a SQLite URL: {e}")))?
         .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(5))
+        .busy_timeout(SQLITE_BUSY_TIMEOUT)
         .create_if_missing(create_if_missing))
 }
 

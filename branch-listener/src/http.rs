@@ -35,6 +35,10 @@ const BODY_LIMIT: usize = 16 * 1024;
 /// beside the wake-up signal).
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// How long a request waits for SQLite's write lock (to tick or to record the
+/// acknowledgement) before going on without: it then serves the windows already ticked.
+const REQUEST_TICK_PATIENCE: Duration = Duration::from_millis(250);
+
 /// Everything a handler needs.
 #[derive(Clone)]
 pub struct AppState {
@@ -222,14 +226,17 @@ async fn changes(
         if c.tick > meta.acked_tick {
             // Busy (SQLite: a long application write transaction): the next request
             // acknowledges again, acknowledgements are monotonic.
-            tolerate_busy(db.ack(c.tick).await, "acknowledge")?;
+            tolerate_busy(db.ack(c.tick, REQUEST_TICK_PATIENCE).await, "acknowledge")?;
         }
     }
     let deadline = Instant::now() + p.wait;
     let (end, changes) = loop {
         let waiter = (!p.wait.is_zero()).then(|| state.wake.subscribe());
         // Busy: serve the windows already ticked (the ticker catches up).
-        tolerate_busy(db.tick_if_new().await.map(|_| ()), "tick")?;
+        tolerate_busy(
+            db.tick_if_new(REQUEST_TICK_PATIENCE).await.map(|_| ()),
+            "tick",
+        )?;
         let (end, changes) = db.read_batch(&start, p.limit).await?;
         let now = Instant::now();
         let Some(mut waiter) = waiter else {

@@ -14,6 +14,7 @@ use schemas::sql::{postgres as pg, sqlite as sq};
 use schemas::wire::{Change, Op, OpenWriter};
 use serde_json::value::RawValue;
 use sqlx::Row;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// Metadata stored by install in the pull area.
@@ -147,8 +148,10 @@ impl Db {
     }
 
     /// Makes a tick if changes were committed after the newest tick. Returns the new
-    /// tick, or `None` when there was nothing new.
-    pub async fn tick_if_new(&self) -> Result<Option<Tick>> {
+    /// tick, or `None` when there was nothing new. On SQLite, `patience` bounds the wait
+    /// for the write lock (an application transaction may hold it for long); then the
+    /// error is `Unavailable`.
+    pub async fn tick_if_new(&self, patience: Duration) -> Result<Option<Tick>> {
         let tick = match self {
             Db::Sqlite { pool, .. } => {
                 // Read first: most calls find nothing new and must not take the write lock.
@@ -164,21 +167,18 @@ impl Db {
                 if !new {
                     return Ok(None);
                 }
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let row = sqlx::query(&format!(
-                    "INSERT INTO {t} (tick_uuid, head_seq) \
-                     SELECT ?1, m FROM (SELECT COALESCE(MAX(seq), 0) AS m FROM {c}) \
-                     WHERE m > (SELECT head_seq FROM {t} ORDER BY tick_id DESC LIMIT 1) \
-                     RETURNING tick_id, tick_uuid, head_seq",
-                    t = sq::TICKS,
-                    c = sq::CHANGES
+                let mut conn = pool.acquire().await?;
+                sqlx::query(&format!("PRAGMA busy_timeout = {}", patience.as_millis()))
+                    .execute(&mut *conn)
+                    .await?;
+                let row = sqlite_tick(&mut conn).await;
+                sqlx::query(&format!(
+                    "PRAGMA busy_timeout = {}",
+                    crate::db::SQLITE_BUSY_TIMEOUT.as_millis()
                 ))
-                .bind(Uuid::new_v4().to_string())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(not_installed_or)?;
-                tx.commit().await?;
-                row.as_ref().map(tick_from_sqlite).transpose()?
+                .execute(&mut *conn)
+                .await?;
+                row?.as_ref().map(tick_from_sqlite).transpose()?
             }
             Db::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
@@ -267,16 +267,28 @@ impl Db {
     }
 
     /// Records `tick` as acknowledged by HQ (monotonic: an older tick changes nothing).
-    pub async fn ack(&self, tick: i64) -> Result<()> {
+    /// On SQLite, `patience` bounds the wait for the write lock.
+    pub async fn ack(&self, tick: i64, patience: Duration) -> Result<()> {
         match self {
             Db::Sqlite { pool, .. } => {
-                sqlx::query(&format!(
+                let mut conn = pool.acquire().await?;
+                sqlx::query(&format!("PRAGMA busy_timeout = {}", patience.as_millis()))
+                    .execute(&mut *conn)
+                    .await?;
+                let r = sqlx::query(&format!(
                     "UPDATE {} SET value = CAST(?1 AS TEXT) WHERE key = 'acked_tick' AND CAST(value AS INTEGER) < ?1",
                     sq::META
                 ))
                 .bind(tick)
-                .execute(pool)
+                .execute(&mut *conn)
+                .await;
+                sqlx::query(&format!(
+                    "PRAGMA busy_timeout = {}",
+                    crate::db::SQLITE_BUSY_TIMEOUT.as_millis()
+                ))
+                .execute(&mut *conn)
                 .await?;
+                r?;
             }
             Db::Postgres(pool) => {
                 sqlx::query(
@@ -492,6 +504,27 @@ pub fn backlog(after: &Tick, newest: &Tick) -> u64 {
         return 0;
     }
     (newest.head_seq - after.head_seq).max(0) as u64
+}
+
+/// The SQLite tick: one `BEGIN IMMEDIATE` transaction, so `head_seq` is a transaction
+/// boundary.
+async fn sqlite_tick(conn: &mut sqlx::SqliteConnection) -> Result<Option<sqlx::sqlite::SqliteRow>> {
+    use sqlx::Connection;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let row = sqlx::query(&format!(
+        "INSERT INTO {t} (tick_uuid, head_seq) \
+         SELECT ?1, m FROM (SELECT COALESCE(MAX(seq), 0) AS m FROM {c}) \
+         WHERE m > (SELECT head_seq FROM {t} ORDER BY tick_id DESC LIMIT 1) \
+         RETURNING tick_id, tick_uuid, head_seq",
+        t = sq::TICKS,
+        c = sq::CHANGES
+    ))
+    .bind(Uuid::new_v4().to_string())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(not_installed_or)?;
+    tx.commit().await?;
+    Ok(row)
 }
 
 fn pruned_while_reading(tick: i64) -> Error {

@@ -15,7 +15,7 @@ pub async fn run(db: Db, interval: Duration, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        match db.tick_if_new().await {
+        match db.tick_if_new(crate::db::SQLITE_BUSY_TIMEOUT).await {
             Ok(_) => {
                 if failing {
                     tracing::info!("ticker: branch database reachable again");

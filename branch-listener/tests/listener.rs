@@ -1405,3 +1405,45 @@ async fn background_ticker_and_pruner(backend: Backend) -> Result<()> {
     server.stop().await
 }
 both!(background_ticker_and_pruner);
+
+// ---------------------------------------------------------------------------------
+// SQLite: an application transaction holding the write lock does not fail pulls.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_write_lock_held_by_the_application_does_not_fail_pulls() -> Result<()> {
+    let b = installed(Backend::Sqlite).await?;
+    let AppDb::Sqlite(pool) = &b.app else {
+        unreachable!()
+    };
+    let server = Server::start(&b.config).await?;
+    let c0 = server.changes(None, 10, 0).await?.next;
+    b.app.exec(&product(1, "a", "1")).await?;
+    let r1 = server.changes(Some(&c0), 10, 0).await?;
+    assert_eq!(r1.changes.len(), 1);
+    b.app.exec(&product(2, "b", "1")).await?;
+    // The application holds the write lock with an uncommitted change.
+    let mut long = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::query(&product(3, "c", "1"))
+        .execute(&mut *long)
+        .await?;
+    let (status, body) = server.changes_raw(Some(&r1.next), 10, 0).await?;
+    assert_eq!(status, 200, "{body}");
+    let r2: ChangesResponse = serde_json::from_str(&body)?;
+    assert!(
+        r2.changes.iter().all(|c| pk_id(c) == 2),
+        "only committed changes: {:?}",
+        r2.changes
+    );
+    long.commit().await?;
+    let mut after = Some(r2.next);
+    let rest = drain(&server, &mut after, 10).await?;
+    let mut got: Vec<i64> = r2
+        .changes
+        .iter()
+        .chain(rest.iter().flat_map(|r| r.changes.iter()))
+        .map(pk_id)
+        .collect();
+    got.sort();
+    assert_eq!(got, vec![2, 3], "nothing lost once the lock is released");
+    server.stop().await
+}
