@@ -749,6 +749,10 @@ fn check_config_names_each_problem() {
             token.display()
         )
     };
+    // Unreadable even for root: a directory where the token file should be.
+    let unreadable = dir.path().join("unreadable");
+    std::fs::create_dir(&unreadable).unwrap();
+    std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o700)).unwrap();
     let head = "database_url = \"postgres://hq@localhost/hq\"\nschedule = \"*/5 * * * * *\"\n";
 
     let (code, out, err) = check_config(dir.path(), &format!("{head}{}", loc("b01", "", &good)));
@@ -777,7 +781,11 @@ fn check_config_names_each_problem() {
         ),
         (
             format!("{head}{}", loc("b01", "", &dir.path().join("missing"))),
-            "missing",
+            "token_file: token file /",
+        ),
+        (
+            format!("{head}{}", loc("b01", "", &unreadable)),
+            "unreadable: Is a directory",
         ),
         (format!("{head}{}", loc("b01", "", &open)), "chmod 600"),
         (format!("{head}{}", loc("B 01", "", &good)), "id must match"),
