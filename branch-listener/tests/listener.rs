@@ -1447,3 +1447,67 @@ async fn sqlite_write_lock_held_by_the_application_does_not_fail_pulls() -> Resu
     assert_eq!(got, vec![2, 3], "nothing lost once the lock is released");
     server.stop().await
 }
+
+// ---------------------------------------------------------------------------------
+// A SQLite branch restored from a backup: HQ's newer cursor is refused, before and after
+// new activity on the restored database.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_sqlite_database_is_detected() -> Result<()> {
+    let b = installed(Backend::Sqlite).await?;
+    let db_file = b.dir.path().join("pm.db");
+    let backup = b.dir.path().join("backup.db");
+    let server = Server::start(&b.config).await?;
+    b.app.exec(&product(1, "a", "1")).await?;
+    let c1 = server.changes(None, 10, 0).await?.next;
+    b.app
+        .exec(&format!("VACUUM INTO '{}'", backup.display()))
+        .await?;
+    b.app.exec(&product(2, "b", "1")).await?;
+    let c2 = server.changes(Some(&c1), 10, 0).await?.next;
+    assert!(c2.tick > c1.tick);
+
+    // Restore the backup while everything is stopped.
+    server.stop().await?;
+    if let AppDb::Sqlite(p) = &b.app {
+        p.close().await;
+    }
+    b.db.close().await;
+    for ext in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", db_file.display()));
+    }
+    std::fs::copy(&backup, &db_file)?;
+
+    let server = Server::start(&b.config).await?;
+    let (status, e) = server.error(Some(&c2)).await?;
+    assert_eq!((status, e.error.code.as_str()), (409, "lineage_mismatch"));
+    assert!(
+        e.error.message.contains("ahead of head"),
+        "{}",
+        e.error.message
+    );
+
+    // New activity on the restored database re-creates tick c2.tick with another uuid.
+    let opts = branch_listener::db::sqlite_options(&b.config.database_url, false)?;
+    let app = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts)
+        .await?;
+    sqlx::query(&product(3, "c", "1")).execute(&app).await?;
+    let r = server.changes(Some(&c1), 10, 0).await?;
+    assert_eq!(r.next.tick, c2.tick);
+    assert_ne!(r.next.tick_uuid, c2.tick_uuid);
+    let (status, e) = server.error(Some(&c2)).await?;
+    assert_eq!(
+        (status, e.error.code.as_str()),
+        (409, "lineage_mismatch"),
+        "{}",
+        e.error.message
+    );
+    assert!(
+        e.error.message.contains("restored or replaced"),
+        "{}",
+        e.error.message
+    );
+    server.stop().await
+}
