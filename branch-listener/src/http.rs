@@ -230,6 +230,7 @@ async fn changes(
         }
     }
     let deadline = Instant::now() + p.wait;
+    let mut logged_wait = false;
     let (end, changes) = loop {
         let waiter = (!p.wait.is_zero()).then(|| state.wake.subscribe());
         // Busy: serve the windows already ticked (the ticker catches up).
@@ -244,6 +245,14 @@ async fn changes(
         };
         if end.id != start.id || now >= deadline || state.shutdown.is_cancelled() {
             break (end, changes);
+        }
+        if !logged_wait {
+            tracing::debug!(
+                after = start.id,
+                wait_s = p.wait.as_secs_f64(),
+                "long-poll waiting for changes"
+            );
+            logged_wait = true;
         }
         tokio::select! {
             _ = waiter.rx.changed() => {}

@@ -1276,9 +1276,11 @@ async fn binary_installs_serves_and_stops_gracefully() -> Result<()> {
     );
 
     // As systemd runs it: the config file named by the environment, `serve` implied.
+    let log_path = dir.path().join("listener.log");
     let mut child = std::process::Command::new(bin)
         .env("BRANCH_LISTENER_CONFIG", &config_path)
-        .stderr(std::process::Stdio::null())
+        .env("RUST_LOG", "info,branch_listener=debug")
+        .stderr(std::fs::File::create(&log_path)?)
         .spawn()?;
     let server = Server {
         base: format!("http://127.0.0.1:{port}"),
@@ -1298,7 +1300,15 @@ async fn binary_installs_serves_and_stops_gracefully() -> Result<()> {
     let server = std::sync::Arc::new(server);
     let s = server.clone();
     let poll = tokio::spawn(async move { s.changes(Some(&c0), 10, 60).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the server says the long-poll is waiting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log_path)?.contains("long-poll waiting for changes") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the long-poll never started waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let kill = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()?;
