@@ -11,7 +11,7 @@ use crate::pull_area::{self, Tick};
 use crate::wake::Wake;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{MatchedPath, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -27,7 +27,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::timeout::TimeoutLayer;
 
 /// Largest request body accepted (requests carry no body).
 const BODY_LIMIT: usize = 16 * 1024;
@@ -61,12 +60,9 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(protected)
+        .layer(middleware::from_fn_with_state(timeout, time_limit))
         .layer(middleware::from_fn(count_requests))
         .layer(CompressionLayer::new().gzip(true).zstd(true))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            timeout,
-        ))
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .with_state(state)
 }
@@ -82,6 +78,15 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
         return Error::Unauthorized.into_response();
     }
     next.run(req).await
+}
+
+/// Answers `503 unavailable` (JSON, like every error) when a request takes too long,
+/// e.g. a database that accepts connections but never answers.
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => Error::Unavailable(format!("request took longer than {limit:?}")).into_response(),
+    }
 }
 
 async fn count_requests(req: Request, next: Next) -> Response {
