@@ -367,6 +367,49 @@ mod tests {
             .collect()
     }
 
+    /// Handlers through `app(state)`, without a socket: a SQLite branch whose file does
+    /// not exist answers 503 (not 500), `/healthz` needs no token, the rest does.
+    #[tokio::test]
+    async fn app_without_a_socket() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "app-test-token-0123456789\n").unwrap();
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let mut c = config();
+        c.database_url = format!("sqlite://{}/missing/pm.db", dir.path().display());
+        c.token_file = token;
+        let app = app(crate::serve::state(c, CancellationToken::new()).unwrap());
+        let get = |uri: &str, token: Option<&str>| {
+            let mut b = axum::http::Request::builder().uri(uri);
+            if let Some(t) = token {
+                b = b.header("authorization", format!("Bearer {t}"));
+            }
+            b.body(axum::body::Body::empty()).unwrap()
+        };
+        let r = app.clone().oneshot(get("/healthz", None)).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let r = app.clone().oneshot(get("/v1/status", None)).await.unwrap();
+        assert_eq!(r.status(), 401);
+        let r = app
+            .clone()
+            .oneshot(get("/v1/changes", Some("app-test-token-0123456789")))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let e: wire::ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(e.error.code, "unavailable");
+        assert!(
+            !e.error.message.contains("missing"),
+            "no paths or database text: {}",
+            e.error.message
+        );
+    }
+
     #[test]
     fn limits_are_clamped_and_defaulted() {
         let c = config();
