@@ -23,10 +23,11 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 /// A test installation: branches with listeners, HQ with hq-puller, the workload's
 /// handles on the branch databases.
 struct World {
-    _dir: tempfile::TempDir,
     branches: Vec<BranchNode>,
     sims: Vec<Arc<Branch>>,
     hq: Hq,
+    /// Dropped last: the processes above are killed before their folder goes.
+    _dir: tempfile::TempDir,
 }
 
 /// Which databases the branches use.
@@ -77,10 +78,10 @@ async fn world(layout: Layout) -> Result<World> {
     hq.migrate().await?;
     hq.start()?;
     Ok(World {
-        _dir: dir,
         branches,
         sims,
         hq,
+        _dir: dir,
     })
 }
 
@@ -340,6 +341,13 @@ async fn kill_9_of_hq_puller_during_apply_loses_and_duplicates_nothing() -> Resu
         assert!(r.is_equal(), "{r}");
     }
     w.assert_newest_changes_applied().await?;
+    // The kills did land inside runs (which later incarnations marked interrupted).
+    let interrupted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sync.runs WHERE outcome IN ('interrupted', 'running')",
+    )
+    .fetch_one(&w.hq.pool)
+    .await?;
+    assert!(interrupted > 0, "no kill landed inside a run");
     w.shutdown().await
 }
 
