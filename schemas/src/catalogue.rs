@@ -54,7 +54,10 @@ pub enum ColumnType {
     Text,
     /// Exact decimal; travels as a JSON number and is parsed by PostgreSQL as `numeric`,
     /// never through a float.
-    Numeric { precision: u8, scale: u8 },
+    Numeric {
+        precision: u8,
+        scale: u8,
+    },
     /// Branch-local time without zone on SQLite (the branch config names the zone),
     /// `timestamptz` on PostgreSQL branches; `timestamptz` at HQ.
     Timestamp,
@@ -391,7 +394,15 @@ mod tests {
 
     #[test]
     fn column_types_parse_and_print() {
-        for s in ["integer", "text", "numeric(12,2)", "timestamp", "boolean", "real", "blob"] {
+        for s in [
+            "integer",
+            "text",
+            "numeric(12,2)",
+            "timestamp",
+            "boolean",
+            "real",
+            "blob",
+        ] {
             let t: ColumnType = s.parse().unwrap();
             assert_eq!(t.to_string(), s);
         }
@@ -438,7 +449,10 @@ columns = [
         assert!(e.contains("nope"), "{e}");
         let mut c = Catalogue::product_management();
         c.tables.push(c.tables[0].clone());
-        assert!(matches!(c.validate(), Err(CatalogueError::DuplicateTable(_))));
+        assert!(matches!(
+            c.validate(),
+            Err(CatalogueError::DuplicateTable(_))
+        ));
     }
 
     #[test]
@@ -447,6 +461,9 @@ columns = [
         let mut b = a.clone();
         b.tables.pop();
         assert_ne!(a.fingerprint(), b.fingerprint());
-        assert_eq!(a.fingerprint(), Catalogue::product_management().fingerprint());
+        assert_eq!(
+            a.fingerprint(),
+            Catalogue::product_management().fingerprint()
+        );
     }
 }

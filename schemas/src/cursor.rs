@@ -98,7 +98,10 @@ mod tests {
         for (s, why) in [
             ("", "wrong number of parts"),
             ("a:b", "wrong number of parts"),
-            ("x:1:00000000-0000-0000-0000-000000000000", "instance id is not a uuid"),
+            (
+                "x:1:00000000-0000-0000-0000-000000000000",
+                "instance id is not a uuid",
+            ),
             (
                 "00000000-0000-0000-0000-000000000000:zz:00000000-0000-0000-0000-000000000000",
                 "tick is not an integer",

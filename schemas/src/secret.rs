@@ -16,7 +16,9 @@ pub enum SecretError {
         path: String,
         source: std::io::Error,
     },
-    #[error("token file {path} is accessible by group or others (mode {mode:o}); run: chmod 600 {path}")]
+    #[error(
+        "token file {path} is accessible by group or others (mode {mode:o}); run: chmod 600 {path}"
+    )]
     Permissions { path: String, mode: u32 },
     #[error("token file {path} holds no token")]
     Empty { path: String },
@@ -105,7 +107,12 @@ mod tests {
     #[test]
     fn two_tokens_for_rotation_and_constant_time_check() {
         let d = tempfile::tempdir().unwrap();
-        let p = write(d.path(), "t", "old-token-0123456789\nnew-token-0123456789\n", 0o600);
+        let p = write(
+            d.path(),
+            "t",
+            "old-token-0123456789\nnew-token-0123456789\n",
+            0o600,
+        );
         let t = Tokens::from_file(&p).unwrap();
         assert!(t.accepts("old-token-0123456789"));
         assert!(t.accepts("new-token-0123456789"));
@@ -127,8 +134,14 @@ mod tests {
     fn empty_and_weak_files_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), "e", "\n# comment\n", 0o600);
-        assert!(matches!(Tokens::from_file(&p), Err(SecretError::Empty { .. })));
+        assert!(matches!(
+            Tokens::from_file(&p),
+            Err(SecretError::Empty { .. })
+        ));
         let p = write(d.path(), "w", "short\n", 0o600);
-        assert!(matches!(Tokens::from_file(&p), Err(SecretError::Weak { .. })));
+        assert!(matches!(
+            Tokens::from_file(&p),
+            Err(SecretError::Weak { .. })
+        ));
     }
 }

@@ -147,12 +147,25 @@ pub fn create_demo_schema(catalogue: &Catalogue) -> Vec<String> {
                 .collect();
             cols.push(format!(
                 "PRIMARY KEY ({})",
-                t.primary_key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ")
+                t.primary_key
+                    .iter()
+                    .map(|k| q(k))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
-            if matches!(t.name.as_str(), "inventory" | "product_images" | "stock_movements") {
-                cols.push("FOREIGN KEY (\"product_id\") REFERENCES \"products\"(\"product_id\")".into());
+            if matches!(
+                t.name.as_str(),
+                "inventory" | "product_images" | "stock_movements"
+            ) {
+                cols.push(
+                    "FOREIGN KEY (\"product_id\") REFERENCES \"products\"(\"product_id\")".into(),
+                );
             }
-            format!("CREATE TABLE IF NOT EXISTS {} ({})", q(&t.name), cols.join(", "))
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} ({})",
+                q(&t.name),
+                cols.join(", ")
+            )
         })
         .collect()
 }
