@@ -852,6 +852,79 @@ mod tests {
         assert_eq!(parse_cents("0.05"), Some(5));
     }
 
+    async fn concurrent_run(url: &str, dir: &Path) -> Summary {
+        let files = dir.join("files");
+        let b = Arc::new(Branch::open(0, url, Some(files.clone()), 5).await.unwrap());
+        let counters = Arc::new(Counters::default());
+        seed(&b, 50, 9, &counters).await.unwrap();
+        let opts = RunOptions {
+            rate: None,
+            until: Until::Ops(400),
+            concurrency: 4,
+            seed: 9,
+            mix: "new=10,price=20,stock=30,delete=20,image=20"
+                .parse()
+                .unwrap(),
+        };
+        let s = run(
+            &[b.clone()],
+            &opts,
+            Arc::new(Counters::default()),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.errors, 0, "{s:?}");
+        assert_eq!(s.transactions + s.skipped, 400, "{s:?}");
+        assert!(s.ops["delete"] > 0 && s.ops["image"] > 0, "{s:?}");
+        // Every image row has its file with the recorded checksum; deleted products
+        // left no files behind.
+        let mut tx = b.db.begin().await.unwrap();
+        let rows: Vec<(i64, String)> = tx
+            .pairs("SELECT product_id, file_path FROM product_images", &[])
+            .await
+            .unwrap();
+        for (_, path) in &rows {
+            assert!(files.join(path).exists(), "{path} missing");
+        }
+        let products: std::collections::HashSet<i64> = tx
+            .pairs("SELECT product_id, sku FROM products", &[])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        tx.rollback().await.unwrap();
+        for entry in std::fs::read_dir(files.join("images")).unwrap() {
+            let id: i64 = entry
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .parse()
+                .unwrap();
+            assert!(
+                products.contains(&id),
+                "files of deleted product {id} remain"
+            );
+        }
+        b.db.close().await;
+        s
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_on_sqlite_retry_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pm.db").display());
+        concurrent_run(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_on_postgres_lock_their_product() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = crate::pg::fresh_database("workload").await.unwrap();
+        concurrent_run(&url, dir.path()).await;
+    }
+
     #[test]
     fn same_seed_same_draws() {
         let m = Mix::default();
