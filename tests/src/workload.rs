@@ -867,7 +867,7 @@ mod tests {
                 .unwrap(),
         };
         let s = run(
-            &[b.clone()],
+            std::slice::from_ref(&b),
             &opts,
             Arc::new(Counters::default()),
             Arc::new(AtomicBool::new(false)),
