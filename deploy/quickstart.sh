@@ -67,6 +67,13 @@ if [ -z "${HQ_DATABASE_URL:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/
   fi
 fi
 command -v psql >/dev/null || die "psql not found (apt-get install postgresql-client)"
+if [ -n "${HQ_DATABASE_URL:-}" ]; then
+  used=$(psql -qtAX "$HQ_DATABASE_URL" -c "SELECT to_regclass('sync.locations') IS NOT NULL" 2>/dev/null) \
+    || die "cannot connect to HQ_DATABASE_URL"
+  if [ "$used" = t ]; then
+    die "HQ_DATABASE_URL already holds an HQ (schema sync) from another run: give an empty database, or drop schemas sync and hq first"
+  fi
+fi
 
 say "building release binaries (cargo build --release --workspace --bins)"
 cargo build --release --workspace --bins
