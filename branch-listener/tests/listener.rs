@@ -614,11 +614,15 @@ async fn concurrent_writers(backend: Backend) -> Result<()> {
                 let max_delay = if backend == Backend::Sqlite { 2 } else { 15 };
                 let delay = Duration::from_millis(rng.gen_range(0..=max_delay));
                 // A transaction can also fail (PostgreSQL: two concurrent upserts of a new
-                // key collide on the non-arbiter UNIQUE(sku)): then it rolled back.
+                // key collide on the non-arbiter UNIQUE(sku), or PostgreSQL picks it as a
+                // deadlock victim): then it rolled back, and none of it may be served.
                 let result = app.tx(&stmts, commit, delay).await;
                 let affected = match result {
                     Ok(a) => a,
-                    Err(e) if e.to_string().contains("duplicate key") => {
+                    Err(e)
+                        if e.to_string().contains("duplicate key")
+                            || e.to_string().contains("deadlock detected") =>
+                    {
                         rolled_back.push(tag);
                         continue;
                     }
