@@ -92,11 +92,23 @@ struct Writers {
 }
 
 fn start_writers(sims: &[Arc<Branch>], rate: f64, until: Until, seed: u64) -> Writers {
+    start_writers_with(sims, rate, until, seed, 1)
+}
+
+/// The workload with `concurrency` writers per branch (concurrent transactions commit
+/// out of sequence order on PostgreSQL branches).
+fn start_writers_with(
+    sims: &[Arc<Branch>],
+    rate: f64,
+    until: Until,
+    seed: u64,
+    concurrency: usize,
+) -> Writers {
     let stop = Arc::new(AtomicBool::new(false));
     let opts = RunOptions {
         rate: Some(rate),
         until,
-        concurrency: 1,
+        concurrency,
         seed,
         mix: Mix::default(),
     };
@@ -225,7 +237,13 @@ async fn basic_sqlite_and_postgres_branches_converge() -> Result<()> {
         hq: HqOptions::default(),
     })
     .await?;
-    let writers = start_writers(&w.sims, 60.0, Until::Duration(Duration::from_secs(10)), 1);
+    let writers = start_writers_with(
+        &w.sims,
+        60.0,
+        Until::Duration(Duration::from_secs(10)),
+        1,
+        3,
+    );
     let summary = writers.wait().await?;
     assert!(summary.transactions > 200, "{summary:?}");
     w.wait_caught_up(Duration::from_secs(90)).await?;
@@ -311,22 +329,45 @@ async fn kill_9_of_hq_puller_during_apply_loses_and_duplicates_nothing() -> Resu
         },
     })
     .await?;
-    let writers = start_writers(&w.sims, 80.0, Until::Duration(Duration::from_secs(600)), 7);
+    let writers = start_writers_with(
+        &w.sims,
+        80.0,
+        Until::Duration(Duration::from_secs(600)),
+        7,
+        2,
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut kills = 0;
     while kills < 20 {
-        // Wait until this incarnation is applying (applied_changes grows), then kill it
-        // after a random extra delay.
+        // Half the kills land while a run is open (its `sync.runs` row says `running`),
+        // half after a batch was applied (`applied_changes` grew), each after a random
+        // extra delay.
         let before = applied(&w.hq).await?;
+        let last_run: i64 = sqlx::query_scalar("SELECT COALESCE(max(run_id), 0) FROM sync.runs")
+            .fetch_one(&w.hq.pool)
+            .await?;
         let hq = &w.hq;
-        wait_for(
-            "hq-puller to apply changes",
-            Duration::from_secs(60),
-            || async { Ok((applied(hq).await? > before).then_some(())) },
-        )
+        let (what, extra_ms) = if kills % 2 == 0 {
+            ("hq-puller to open a run", 30)
+        } else {
+            ("hq-puller to apply changes", 400)
+        };
+        wait_for(what, Duration::from_secs(60), || async {
+            Ok(if kills % 2 == 0 {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM sync.runs WHERE run_id > $1 AND outcome = 'running'",
+                )
+                .bind(last_run)
+                .fetch_one(&hq.pool)
+                .await?;
+                (n > 0).then_some(())
+            } else {
+                (applied(hq).await? > before).then_some(())
+            })
+        })
         .await
         .with_context(|| format!("after {kills} kills\n{}", w.hq.log_tail(40)))?;
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..extra_ms))).await;
         w.hq.kill9()?;
         kills += 1;
         // Stay down a little so a backlog builds: the next incarnation then applies
@@ -408,5 +449,63 @@ async fn dead_or_hanging_listener_delays_only_its_own_location() -> Result<()> {
     w.assert_newest_changes_applied().await?;
     let state = w.hq.location_state("b03").await?;
     assert_eq!(state.map(|s| s.0).as_deref(), Some("ok"));
+    w.shutdown().await
+}
+
+/// A PostgreSQL branch transaction that stays open while others commit around it is
+/// neither skipped nor applied early: HQ keeps applying the other transactions, does
+/// not show the open one, and has it right after it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_open_postgres_transaction_is_applied_after_it_commits() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut w = world(Layout {
+        sqlite: 0,
+        postgres: 1,
+        products: 50,
+        zones: vec!["UTC"],
+        hq: HqOptions::default(),
+    })
+    .await?;
+    let writers = start_writers_with(
+        &w.sims,
+        40.0,
+        Until::Duration(Duration::from_secs(600)),
+        5,
+        3,
+    );
+    // Transaction A: opened now (its xid is older than what follows), committed later.
+    let mut a =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&w.branches[0].database_url).await?;
+    sqlx::query("BEGIN").execute(&mut a).await?;
+    sqlx::query(
+        "INSERT INTO products (product_id, sku, name, description, category, unit_price, currency, updated_at) \
+         VALUES (90000001, 'SKU-LONG-1', 'Long transaction', NULL, '', 12.30, 'EUR', now())",
+    )
+    .execute(&mut a)
+    .await?;
+    let mark = tick_of(&w.hq.cursor("b01").await?);
+    let hq = &w.hq;
+    wait_for(
+        "HQ to apply three more windows of other transactions while A is open",
+        Duration::from_secs(60),
+        || async { Ok((tick_of(&hq.cursor("b01").await?) >= mark + 3).then_some(())) },
+    )
+    .await?;
+    let early: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM hq.products WHERE product_id = 90000001")
+            .fetch_one(&w.hq.pool)
+            .await?;
+    assert_eq!(early, 0, "an uncommitted branch transaction reached HQ");
+    sqlx::query("COMMIT").execute(&mut a).await?;
+    writers.finish().await?;
+    w.wait_caught_up(Duration::from_secs(90)).await?;
+    let (price, description, category): (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT unit_price::text, description, category FROM hq.products_live WHERE product_id = 90000001",
+    )
+    .fetch_one(&w.hq.pool)
+    .await?;
+    assert_eq!(price, "12.30");
+    assert_eq!(description, None);
+    assert_eq!(category.as_deref(), Some(""));
     w.shutdown().await
 }
