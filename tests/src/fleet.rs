@@ -4,9 +4,7 @@
 //! into a folder of the test, following the documented config contracts.
 
 use crate::compare::{compare, LocationReport};
-use crate::process::{
-    binary, free_port, port_open, random_token, run_to_end, wait_for, write_private, Proc,
-};
+use crate::process::{binary, free_port, port_open, random_token, run_to_end, write_private, Proc};
 use anyhow::{bail, Context, Result};
 use schemas::wire::StatusResponse;
 use schemas::{Catalogue, Cursor};
@@ -38,6 +36,8 @@ pub struct BranchNode {
     pub time_zone: String,
     pub port: u16,
     token: String,
+    token_file: PathBuf,
+    tick_interval: String,
     pub config: PathBuf,
     /// The token file HQ reads for this location (same token, HQ's copy).
     pub hq_token_file: PathBuf,
@@ -56,7 +56,6 @@ impl BranchNode {
     ) -> Result<BranchNode> {
         let home = dir.join(location);
         std::fs::create_dir_all(&home)?;
-        let port = free_port()?;
         let token = random_token();
         let token_file = home.join("token");
         write_private(&token_file, &format!("{token}\n"))?;
@@ -64,9 +63,28 @@ impl BranchNode {
         write_private(&hq_token_file, &format!("{token}\n"))?;
         let files_dir = home.join("files");
         std::fs::create_dir_all(&files_dir)?;
-        let config = home.join("branch-listener.toml");
+        let b = BranchNode {
+            location: location.to_string(),
+            database_url: database_url.to_string(),
+            time_zone: opts.time_zone.clone(),
+            port: free_port()?,
+            token,
+            token_file,
+            tick_interval: opts.tick_interval.clone(),
+            config: home.join("branch-listener.toml"),
+            hq_token_file,
+            files_dir,
+            log: home.join("branch-listener.log"),
+            proc: None,
+        };
+        b.write_config()?;
+        Ok(b)
+    }
+
+    /// Writes the listener's config file (all documented keys the tests need).
+    fn write_config(&self) -> Result<()> {
         std::fs::write(
-            &config,
+            &self.config,
             format!(
                 "location = {loc:?}\n\
                  database_url = {db:?}\n\
@@ -76,26 +94,16 @@ impl BranchNode {
                  files_dir = {fd:?}\n\
                  tick_interval = {ti:?}\n\
                  log_format = \"text\"\n",
-                loc = location,
-                db = database_url,
-                tf = token_file.display().to_string(),
-                tz = opts.time_zone,
-                fd = files_dir.display().to_string(),
-                ti = opts.tick_interval,
+                loc = self.location,
+                db = self.database_url,
+                port = self.port,
+                tf = self.token_file.display().to_string(),
+                tz = self.time_zone,
+                fd = self.files_dir.display().to_string(),
+                ti = self.tick_interval,
             ),
         )?;
-        Ok(BranchNode {
-            location: location.to_string(),
-            database_url: database_url.to_string(),
-            time_zone: opts.time_zone.clone(),
-            port,
-            token,
-            config,
-            hq_token_file,
-            files_dir,
-            log: home.join("branch-listener.log"),
-            proc: None,
-        })
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -124,55 +132,94 @@ impl BranchNode {
         Ok(())
     }
 
-    /// Starts (or restarts) `branch-listener serve` and waits until `/healthz` answers.
+    /// Starts (or restarts) `branch-listener serve` and waits until it answers as this
+    /// branch (`/healthz`, then `/v1/status` with this branch's token and location). On
+    /// the first start, a port another process took meanwhile is replaced by a new one.
     pub async fn start(&mut self) -> Result<()> {
-        let cfg = self.config_arg();
-        match self.proc.as_mut() {
-            Some(p) => p.start()?,
-            None => {
-                self.proc = Some(Proc::spawn(
-                    &format!("branch-listener {}", self.location),
-                    &binary("branch-listener")?,
-                    &["--config", cfg.as_str(), "serve"],
-                    &[],
-                    &self.log,
-                )?)
+        let first = self.proc.is_none();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let cfg = self.config_arg();
+            match self.proc.as_mut() {
+                Some(p) => p.start()?,
+                None => {
+                    self.proc = Some(Proc::spawn(
+                        &format!("branch-listener {}", self.location),
+                        &binary("branch-listener")?,
+                        &["--config", cfg.as_str(), "serve"],
+                        &[],
+                        &self.log,
+                    )?)
+                }
+            }
+            match self.wait_healthy(Duration::from_secs(30)).await {
+                Ok(()) => return Ok(()),
+                Err(e) if first && attempt < 5 && self.log_tail(5).contains("in use") => {
+                    eprintln!(
+                        "{}: port {} taken, retrying: {e:#}",
+                        self.location, self.port
+                    );
+                    if let Some(p) = self.proc.as_mut() {
+                        p.kill9()?;
+                    }
+                    self.port = free_port()?;
+                    self.write_config()?;
+                }
+                Err(e) => return Err(e),
             }
         }
-        self.wait_healthy(Duration::from_secs(30)).await
     }
 
     pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
-        let url = format!("{}/healthz", self.url());
         let client = reqwest::Client::new();
-        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse()?;
-        let r = wait_for(&format!("{url} to answer 200"), timeout, || {
-            let client = client.clone();
-            let url = url.clone();
-            let exited = self.proc.as_mut().and_then(Proc::exit_status);
-            async move {
-                if let Some(st) = exited {
-                    bail!("branch-listener exited ({st})");
-                }
-                if !port_open(addr) {
-                    return Ok(None);
-                }
-                let r = client
-                    .get(&url)
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await?;
-                Ok(r.status().is_success().then_some(()))
+        let deadline = std::time::Instant::now() + timeout;
+        let mut last = String::from("not answering yet");
+        loop {
+            if let Some(st) = self.proc.as_mut().and_then(Proc::exit_status) {
+                bail!(
+                    "branch-listener {} exited ({st})\n--- log tail ---\n{}",
+                    self.location,
+                    self.log_tail(40)
+                );
             }
-        })
-        .await;
-        r.map_err(|e| {
-            anyhow::anyhow!(
-                "{e:#}\n--- {} log tail ---\n{}",
-                self.location,
-                self.log_tail(40)
-            )
-        })
+            match self.answers_as_itself(&client).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last = format!("{e:#}"),
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for {} to answer /healthz and /v1/status ({last})\n--- {} log tail ---\n{}",
+                    self.url(),
+                    self.location,
+                    self.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether the listener answers `/healthz`, and `/v1/status` as this location with
+    /// this branch's token (another process on the port would not know the token).
+    async fn answers_as_itself(&self, client: &reqwest::Client) -> Result<bool> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse()?;
+        if !port_open(addr) {
+            return Ok(false);
+        }
+        let r = client
+            .get(format!("{}/healthz", self.url()))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            return Ok(false);
+        }
+        let s = self.status(client).await?;
+        if s.location != self.location {
+            bail!("port {} answers as location {}", self.port, s.location);
+        }
+        Ok(true)
     }
 
     /// `GET /v1/status` with the branch's token.
