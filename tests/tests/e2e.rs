@@ -27,7 +27,20 @@ struct World {
     sims: Vec<Arc<Branch>>,
     hq: Hq,
     /// Dropped last: the processes above are killed before their folder goes.
-    _dir: tempfile::TempDir,
+    _dir: TestDir,
+}
+
+/// The test's folder (configs, logs, SQLite files); kept when `E2E_KEEP=1` is set.
+struct TestDir(Option<tempfile::TempDir>);
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            if std::env::var_os("E2E_KEEP").is_some_and(|v| v == "1") {
+                eprintln!("e2e: kept {}", d.keep().display());
+            }
+        }
+    }
 }
 
 /// Which databases the branches use.
@@ -81,7 +94,7 @@ async fn world(layout: Layout) -> Result<World> {
         branches,
         sims,
         hq,
-        _dir: dir,
+        _dir: TestDir(Some(dir)),
     })
 }
 
