@@ -183,13 +183,33 @@ fn cursor(instance_id: uuid::Uuid, t: &Tick) -> Cursor {
     }
 }
 
-#[tracing::instrument(skip_all, fields(location = %state.config.location))]
+/// Runs a handler's database work in a task of its own. A client that disconnects (HQ
+/// killed mid-request) or the request time limit drops the handler's future; had that
+/// future held the database work, it could be cut between a `BEGIN` and its
+/// `COMMIT`/`ROLLBACK`, and sqlx's deferred rollback can fail ("statements in
+/// progress"), leaving the pooled connection inside a transaction: on SQLite holding the
+/// write lock (the branch application could no longer write) or an old read snapshot.
+/// A detached task always runs to its end; a long-poll in it ends at its deadline or at
+/// shutdown.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Error::Database(format!("request task failed: {e}")))?
+}
+
 async fn changes(
     State(state): State<AppState>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<ChangesResponse>> {
     let Query(q) = query.map_err(|e| Error::BadRequest(format!("query string: {e}")))?;
     let p = parse_params(&q, &state.config)?;
+    detached(serve_changes(state, p)).await.map(Json)
+}
+
+#[tracing::instrument(skip_all, fields(location = %state.config.location))]
+async fn serve_changes(state: AppState, p: ChangesParams) -> Result<ChangesResponse> {
     let db = &state.db;
     let meta = db.meta().await?;
     let start = match &p.after {
@@ -269,7 +289,7 @@ async fn changes(
     let n = changes.len();
     metrics::counter!(crate::metrics::SERVED_CHANGES_TOTAL).increment(n as u64);
     tracing::debug!(from = start.id, to = end.id, changes = n, "served batch");
-    Ok(Json(ChangesResponse {
+    Ok(ChangesResponse {
         protocol: wire::PROTOCOL_VERSION,
         location: state.config.location.clone(),
         instance_id: meta.instance_id,
@@ -281,7 +301,7 @@ async fn changes(
         limit_clamped: p.limit_clamped,
         backlog: pull_area::backlog(&end, &newest),
         changes,
-    }))
+    })
 }
 
 /// Ignores a retryable failure of an optional write (a later read fails anyway if the
@@ -297,8 +317,13 @@ fn tolerate_busy(r: Result<()>, what: &str) -> Result<()> {
 }
 
 async fn status(State(state): State<AppState>) -> Result<Json<StatusResponse>> {
-    let meta = state.db.meta().await?;
-    let f = state.db.figures(&meta).await?;
+    let db = state.db.clone();
+    let (meta, f) = detached(async move {
+        let meta = db.meta().await?;
+        let f = db.figures(&meta).await?;
+        Ok((meta, f))
+    })
+    .await?;
     Ok(Json(StatusResponse {
         protocol: wire::PROTOCOL_VERSION,
         location: state.config.location.clone(),
@@ -317,10 +342,11 @@ async fn status(State(state): State<AppState>) -> Result<Json<StatusResponse>> {
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
     use crate::metrics as m;
-    let figures = async {
-        let meta = state.db.meta().await?;
-        state.db.figures(&meta).await
-    };
+    let db = state.db.clone();
+    let figures = detached(async move {
+        let meta = db.meta().await?;
+        db.figures(&meta).await
+    });
     match figures.await {
         Ok(f) => {
             metrics::gauge!(m::PULL_AREA_DEPTH).set(f.depth as f64);

@@ -1525,3 +1525,72 @@ async fn restored_sqlite_database_is_detected() -> Result<()> {
     );
     server.stop().await
 }
+
+/// Requests cut off at random points (HQ killed mid-request, the request time limit)
+/// while the application writes must never leave a pooled connection inside a
+/// transaction: on SQLite that would hold the write lock (the application could no
+/// longer write) or pin an old snapshot. Afterwards the application takes the write
+/// lock at once and requests are served.
+#[tokio::test]
+async fn cancelled_requests_leave_no_transaction_open() -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    use tower::ServiceExt;
+    let b = installed(Backend::Sqlite).await?;
+    let app = branch_listener::http::app(serve::state(b.config.clone(), CancellationToken::new())?);
+    let request = |uri: String| {
+        axum::http::Request::builder()
+            .uri(uri)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for i in 0..300i64 {
+        b.app
+            .exec(&format!(
+                "INSERT INTO products (product_id, sku, name, unit_price, currency) VALUES ({i}, 'c{i}', 'n', 1, 'EUR')"
+            ))
+            .await?;
+        let cut = Duration::from_micros(rng.gen_range(0..4000));
+        let _ = tokio::time::timeout(
+            cut,
+            app.clone().oneshot(request("/v1/changes?limit=5".into())),
+        )
+        .await;
+    }
+    // The application must get the write lock without waiting for a leaked transaction.
+    let AppDb::Sqlite(pool) = &b.app else {
+        unreachable!("a SQLite branch")
+    };
+    let mut conn = pool.acquire().await?;
+    sqlx::query("PRAGMA busy_timeout = 2000")
+        .execute(&mut *conn)
+        .await?;
+    let began = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await;
+    assert!(
+        began.is_ok(),
+        "the application could not take the write lock: {began:?}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+    drop(conn);
+    // And every pooled listener connection still serves: drain everything.
+    let mut after: Option<String> = None;
+    let mut served = 0usize;
+    for _ in 0..200 {
+        let uri = match &after {
+            Some(c) => format!("/v1/changes?limit=1000&after={c}"),
+            None => "/v1/changes?limit=1000".into(),
+        };
+        let r = app.clone().oneshot(request(uri)).await?;
+        assert_eq!(r.status(), 200, "a request failed after the cut-off ones");
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX).await?;
+        let resp: ChangesResponse = serde_json::from_slice(&body)?;
+        served += resp.changes.len();
+        after = Some(resp.next.to_string());
+        if !resp.more && resp.changes.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(served, 300, "every committed change is served once");
+    Ok(())
+}
