@@ -24,3 +24,53 @@ pub fn q(ident: &str) -> String {
 pub fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
+
+/// Demo schema: the catalogue's tables as a product-management application has them
+/// (`products.sku` unique, the child tables referencing `products`), with the column
+/// types of one branch backend.
+pub fn demo_schema(
+    catalogue: &crate::Catalogue,
+    column_type: fn(&crate::ColumnType) -> String,
+) -> Vec<String> {
+    catalogue
+        .tables
+        .iter()
+        .map(|t| {
+            let mut cols: Vec<String> = t
+                .columns
+                .iter()
+                .map(|c| {
+                    let mut s = format!("{} {}", q(&c.name), column_type(&c.ty));
+                    if !c.nullable {
+                        s.push_str(" NOT NULL");
+                    }
+                    if t.name == "products" && c.name == "sku" {
+                        s.push_str(" UNIQUE");
+                    }
+                    s
+                })
+                .collect();
+            cols.push(format!(
+                "PRIMARY KEY ({})",
+                t.primary_key
+                    .iter()
+                    .map(|k| q(k))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            if matches!(
+                t.name.as_str(),
+                "inventory" | "product_images" | "stock_movements"
+            ) {
+                cols.push(
+                    "FOREIGN KEY (\"product_id\") REFERENCES \"products\"(\"product_id\")".into(),
+                );
+            }
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} ({})",
+                q(&t.name),
+                cols.join(", ")
+            )
+        })
+        .collect()
+}

@@ -125,49 +125,9 @@ pub fn create_capture(table: &Table) -> Vec<String> {
     ]
 }
 
-/// Demo schema on a PostgreSQL branch.
+/// Demo schema (the catalogue's tables as a product-management application has them).
 pub fn create_demo_schema(catalogue: &Catalogue) -> Vec<String> {
-    catalogue
-        .tables
-        .iter()
-        .map(|t| {
-            let mut cols: Vec<String> = t
-                .columns
-                .iter()
-                .map(|c| {
-                    let mut s = format!("{} {}", q(&c.name), c.ty.postgres_type());
-                    if !c.nullable {
-                        s.push_str(" NOT NULL");
-                    }
-                    if t.name == "products" && c.name == "sku" {
-                        s.push_str(" UNIQUE");
-                    }
-                    s
-                })
-                .collect();
-            cols.push(format!(
-                "PRIMARY KEY ({})",
-                t.primary_key
-                    .iter()
-                    .map(|k| q(k))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-            if matches!(
-                t.name.as_str(),
-                "inventory" | "product_images" | "stock_movements"
-            ) {
-                cols.push(
-                    "FOREIGN KEY (\"product_id\") REFERENCES \"products\"(\"product_id\")".into(),
-                );
-            }
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ({})",
-                q(&t.name),
-                cols.join(", ")
-            )
-        })
-        .collect()
+    super::demo_schema(catalogue, ColumnType::postgres_type)
 }
 
 #[cfg(test)]
