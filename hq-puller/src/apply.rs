@@ -96,7 +96,7 @@ async fn guilty_column(
             _ => format!("{r}::text"),
         };
         let sql = format!(
-            "SELECT count({value}) FROM jsonb_to_recordset($1::jsonb) AS r({} {})",
+            "SELECT count({value}) FROM json_to_recordset($1::json) AS r({} {})",
             q(&c.name),
             c.ty.hq_decode_type()
         );

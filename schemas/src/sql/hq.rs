@@ -6,7 +6,8 @@
 //!
 //! The apply statement takes the batch's newest image per key as one JSON array
 //! (`$1`, elements: the row image plus `_seq` and `_deleted`) and the location id (`$2`),
-//! decodes it with `jsonb_to_recordset` (PostgreSQL parses the numbers: exact), and
+//! decodes it with `json_to_recordset` (PostgreSQL parses the numbers: exact; plain
+//! `json`, not `jsonb`, so the array is not first normalized into a sorted jsonb), and
 //! upserts with the guard `WHERE t._seq < EXCLUDED._seq`: an older change never wins,
 //! a tombstone is never resurrected by a late update, and redelivery changes nothing.
 
@@ -96,7 +97,7 @@ pub fn upsert(table: &Table) -> String {
     format!(
         "INSERT INTO {tbl} AS t (location_id, {cols}, _seq, _deleted, _applied_at) \
          SELECT $2, {values}, r._seq, r._deleted, now() \
-         FROM jsonb_to_recordset($1::jsonb) AS r({record}, _seq bigint, _deleted boolean) \
+         FROM json_to_recordset($1::json) AS r({record}, _seq bigint, _deleted boolean) \
          ON CONFLICT (location_id, {keys}) DO UPDATE SET {set_clause}\
          _seq = EXCLUDED._seq, _deleted = EXCLUDED._deleted, _applied_at = EXCLUDED._applied_at \
          WHERE t._seq < EXCLUDED._seq",

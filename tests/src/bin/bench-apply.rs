@@ -40,6 +40,9 @@ struct Args {
     /// Skip the peers (logical replication, COPY).
     #[arg(long)]
     no_peers: bool,
+    /// hq-puller's `batch_limit` (changes per batch; larger batches collapse more).
+    #[arg(long, default_value_t = 20_000)]
+    batch_limit: u32,
     /// Measure only the peers (logical replication, COPY).
     #[arg(long)]
     peers_only: bool,
@@ -154,8 +157,9 @@ async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
     let mut listeners = Vec::new();
     let mut hq = format!(
         "database_url = \"{hq_url}\"\nschedule = \"0 0 0 1 1 *\"\nmax_concurrent_pulls = 8\n\
-         files_dir = \"{}\"\nbatch_limit = 20000\nrun_budget = \"1h\"\n",
-        dir.path().join("hq-files").display()
+         files_dir = \"{}\"\nbatch_limit = {}\nrun_budget = \"1h\"\n",
+        dir.path().join("hq-files").display(),
+        args.batch_limit
     );
     let hq_token = dir.path().join("hq-token");
     write_private(&hq_token, token)?;
@@ -497,8 +501,8 @@ async fn main() -> Result<()> {
         );
     }
     println!(
-        "reproduce: cargo build --release --workspace --bins && target/release/bench-apply --changes {} --locations {} --reps {}",
-        args.changes, args.locations, args.reps
+        "reproduce: cargo build --release --workspace --bins && target/release/bench-apply --changes {} --locations {} --reps {} --batch-limit {}",
+        args.changes, args.locations, args.reps, args.batch_limit
     );
     Ok(())
 }
