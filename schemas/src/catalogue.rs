@@ -82,7 +82,7 @@ impl ColumnType {
         }
     }
 
-    /// The type used when decoding the JSON image at HQ (`jsonb_to_recordset`). Numeric
+    /// The type used when decoding the JSON image at HQ (`json_to_recordset`). Numeric
     /// decodes unconstrained so that a value with too many digits is caught by the
     /// apply's precision check instead of being rounded; blobs decode as hex text.
     pub fn hq_decode_type(&self) -> &'static str {

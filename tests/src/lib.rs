@@ -1,5 +1,6 @@
 //! Test tooling shared by every crate's tests, the benchmarks and the quickstart.
 //!
+//! - [`bench`]: figures of the benchmark binaries.
 //! - [`pg`]: the throwaway PostgreSQL cluster (`tests/pg.sh`) and a fresh database per test.
 //! - [`db`]: one handle over SQLite and PostgreSQL branch databases.
 //! - [`workload`]: the product-management workload (`pm-sim seed` / `pm-sim run`).
@@ -7,6 +8,7 @@
 //! - [`process`]: spawning, waiting for, signalling and restarting real processes.
 //! - [`fleet`]: branches (database + `branch-listener`) and HQ (`hq-puller`) as test objects.
 
+pub mod bench;
 pub mod compare;
 pub mod db;
 pub mod fleet;

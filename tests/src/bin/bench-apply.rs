@@ -22,6 +22,8 @@ use sqlx::{Connection, Executor, PgConnection, SqliteConnection};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::bench::median_min_max as median;
+use tests::process::{free_port, write_private};
 
 #[derive(Parser, Clone)]
 struct Args {
@@ -57,26 +59,7 @@ fn shape(changes: u64) -> (u64, u64, u64) {
 }
 
 fn bin_dir(args: &Args) -> PathBuf {
-    args.bin_dir.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .expect("current exe")
-            .parent()
-            .expect("exe folder")
-            .to_path_buf()
-    })
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(())
+    args.bin_dir.clone().unwrap_or_else(tests::process::bin_dir)
 }
 
 fn sqlite_opts(path: &Path) -> SqliteConnectOptions {
@@ -439,11 +422,6 @@ async fn run_copy(args: &Args) -> Result<(f64, u64)> {
     copy.send(data.as_bytes()).await?;
     copy.finish().await?;
     Ok((t0.elapsed().as_secs_f64(), ins))
-}
-
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 #[tokio::main]

@@ -18,6 +18,7 @@ use schemas::Catalogue;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection, Executor, PgConnection, SqliteConnection};
 use std::time::{Duration, Instant};
+use tests::bench::median_min_max as median;
 
 #[derive(Parser)]
 struct Args {
@@ -266,11 +267,6 @@ async fn run_sqlite_server(c: &mut SqliteConnection, args: &Args) -> Result<Timi
         insert: timings[0],
         update: timings[1],
     })
-}
-
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn report(backend: &str, driven: &str, variants: &[Variant], results: &[(Variant, Timing)]) {

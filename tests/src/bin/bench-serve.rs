@@ -9,12 +9,14 @@
 //!
 //! Reproduce: cargo build --release --workspace --bins && target/release/bench-serve [--changes 200000] [--reps 3]
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection, SqliteConnection};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::bench::median_min_max as median;
+use tests::process::{free_port, write_private};
 
 #[derive(Parser)]
 struct Args {
@@ -29,13 +31,6 @@ struct Args {
 }
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
-
-fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(())
-}
 
 /// Pulls everything after `after` with one encoding; returns (changes, wire bytes, seconds, next).
 async fn drain(
@@ -89,26 +84,16 @@ async fn drain(
     ))
 }
 
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let bins = std::env::current_exe()?
-        .parent()
-        .context("exe folder")?
-        .to_path_buf();
+    let bins = tests::process::bin_dir();
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("branch.db");
     let cfg = dir.path().join("branch.toml");
     let tok = dir.path().join("token");
     write_private(&tok, TOKEN)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_port()?;
     std::fs::write(
         &cfg,
         format!(
