@@ -45,6 +45,9 @@ struct Args {
     /// hq-puller's `batch_limit` (changes per batch; larger batches collapse more).
     #[arg(long, default_value_t = 20_000)]
     batch_limit: u32,
+    /// hq-puller's `max_concurrent_pulls`.
+    #[arg(long, default_value_t = 8)]
+    max_concurrent: u32,
     /// Measure only the peers (logical replication, COPY).
     #[arg(long)]
     peers_only: bool,
@@ -139,8 +142,9 @@ async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
     let token = "bench-token-0123456789abcdef";
     let mut listeners = Vec::new();
     let mut hq = format!(
-        "database_url = \"{hq_url}\"\nschedule = \"0 0 0 1 1 *\"\nmax_concurrent_pulls = 8\n\
+        "database_url = \"{hq_url}\"\nschedule = \"0 0 0 1 1 *\"\nmax_concurrent_pulls = {}\n\
          files_dir = \"{}\"\nbatch_limit = {}\nrun_budget = \"1h\"\n",
+        args.max_concurrent,
         dir.path().join("hq-files").display(),
         args.batch_limit
     );
@@ -479,8 +483,8 @@ async fn main() -> Result<()> {
         );
     }
     println!(
-        "reproduce: cargo build --release --workspace --bins && target/release/bench-apply --changes {} --locations {} --reps {} --batch-limit {}",
-        args.changes, args.locations, args.reps, args.batch_limit
+        "reproduce: cargo build --release --workspace --bins && target/release/bench-apply --changes {} --locations {} --reps {} --batch-limit {} --max-concurrent {}",
+        args.changes, args.locations, args.reps, args.batch_limit, args.max_concurrent
     );
     Ok(())
 }
