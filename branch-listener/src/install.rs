@@ -112,23 +112,7 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                     sqlx::query_as(&format!("SELECT key, value FROM {}", sq::META))
                         .fetch_all(&mut *tx)
                         .await?;
-                let get = |k: &str| {
-                    pairs
-                        .iter()
-                        .find(|(key, _)| key == k)
-                        .map(|(_, v)| v.clone())
-                };
-                get("instance_id")
-                    .and_then(|s| Uuid::parse_str(&s).ok())
-                    .map(|id| {
-                        (
-                            id,
-                            get("pull_area_version")
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(0),
-                            get("catalogue_fingerprint").unwrap_or_default(),
-                        )
-                    })
+                installed_identity(pairs)
             } else {
                 None
             };
@@ -243,23 +227,7 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                     sqlx::query_as("SELECT key, value FROM pull.meta")
                         .fetch_all(&mut *tx)
                         .await?;
-                let get = |k: &str| {
-                    pairs
-                        .iter()
-                        .find(|(key, _)| key == k)
-                        .map(|(_, v)| v.clone())
-                };
-                get("instance_id")
-                    .and_then(|s| Uuid::parse_str(&s).ok())
-                    .map(|id| {
-                        (
-                            id,
-                            get("pull_area_version")
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(0),
-                            get("catalogue_fingerprint").unwrap_or_default(),
-                        )
-                    })
+                installed_identity(pairs)
             } else {
                 None
             };
@@ -409,4 +377,12 @@ pub async fn uninstall(db: &Db) -> Result<bool> {
     };
     tracing::info!(found, "uninstall");
     Ok(found)
+}
+
+/// The identity of an installed pull area from its metadata: instance id, layout
+/// version, catalogue fingerprint; `None` when there is no (valid) instance id.
+fn installed_identity(pairs: Vec<(String, String)>) -> Option<(Uuid, i64, String)> {
+    crate::pull_area::meta_from_pairs(pairs)
+        .ok()
+        .map(|m| (m.instance_id, m.version, m.fingerprint))
 }

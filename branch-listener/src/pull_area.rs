@@ -96,7 +96,7 @@ fn sqlite_ts(s: &str) -> Result<DateTime<Utc>> {
         .map_err(|_| Error::Database(format!("pull area holds a malformed timestamp {s:?}")))
 }
 
-fn meta_from_pairs(pairs: Vec<(String, String)>) -> Result<Meta> {
+pub(crate) fn meta_from_pairs(pairs: Vec<(String, String)>) -> Result<Meta> {
     let get = |k: &str| {
         pairs
             .iter()
