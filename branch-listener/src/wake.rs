@@ -73,42 +73,34 @@ impl Wake {
 
     /// Runs the notification source until shutdown.
     pub async fn run(self, db: Db, shutdown: CancellationToken) {
+        let this = &self;
         match db {
-            Db::Postgres(pool) => loop {
-                let result = async {
-                    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            Db::Postgres(pool) => {
+                let pool = &pool;
+                reconnecting(&shutdown, "change notification listener", || async move {
+                    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
                     listener
                         .listen(schemas::sql::postgres::NOTIFY_CHANNEL)
                         .await?;
                     // Anything committed while (re)connecting: let waiters re-check.
-                    self.notify();
+                    this.notify();
                     loop {
                         listener.recv().await?;
-                        self.notify();
+                        this.notify();
                     }
-                    #[allow(unreachable_code)]
-                    Ok::<(), sqlx::Error>(())
-                };
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = result => if let Err(e) = r {
-                        tracing::debug!(error = %e, "change notification listener lost its connection");
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
-                }
-            },
-            Db::Sqlite { options, .. } => loop {
-                let result = async {
-                    let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
+                })
+                .await
+            }
+            Db::Sqlite { options, .. } => {
+                let options = &options;
+                reconnecting(&shutdown, "data_version poller", || async move {
+                    let mut conn = sqlx::SqliteConnection::connect_with(options).await?;
                     let mut last: i64 = sqlx::query_scalar("PRAGMA data_version")
                         .fetch_one(&mut conn)
                         .await?;
                     loop {
-                        if self.waiters.load(Ordering::SeqCst) == 0 {
-                            self.waiter_arrived.notified().await;
+                        if this.waiters.load(Ordering::SeqCst) == 0 {
+                            this.waiter_arrived.notified().await;
                             continue;
                         }
                         tokio::time::sleep(SQLITE_POLL).await;
@@ -117,23 +109,33 @@ impl Wake {
                             .await?;
                         if v != last {
                             last = v;
-                            self.notify();
+                            this.notify();
                         }
                     }
-                    #[allow(unreachable_code)]
-                    Ok::<(), sqlx::Error>(())
-                };
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = result => if let Err(e) = r {
-                        tracing::debug!(error = %e, "data_version poller lost its connection");
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
-                }
-            },
+                })
+                .await
+            }
+        }
+    }
+}
+
+/// Runs `watch` (which only returns when its connection fails) until shutdown,
+/// reconnecting after [`RECONNECT_PAUSE`] whenever it fails.
+async fn reconnecting<F, Fut>(shutdown: &CancellationToken, what: &str, mut watch: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<std::convert::Infallible, sqlx::Error>>,
+{
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Err(e) = watch() => {
+                tracing::debug!(error = %e, what, "lost its connection");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
         }
     }
 }
