@@ -59,6 +59,27 @@ pub struct Config {
     pub max_wait: Duration,
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// Full rescan of `files_dir` this often (beside filesystem notifications).
+    #[serde(default = "default_files_rescan_interval", with = "humantime_serde")]
+    pub files_rescan_interval: Duration,
+    /// A file not renamed into place is indexed once its size and mtime were stable
+    /// this long.
+    #[serde(default = "default_files_settle", with = "humantime_serde")]
+    pub files_settle: Duration,
+    /// Glob patterns (matched against each path component) of files never indexed.
+    #[serde(default = "default_files_ignore")]
+    pub files_ignore: Vec<String>,
+}
+
+fn default_files_rescan_interval() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_files_settle() -> Duration {
+    Duration::from_secs(2)
+}
+/// Hidden files, temporary and partial downloads, editor backups.
+pub fn default_files_ignore() -> Vec<String> {
+    [".*", "*.tmp", "*.part", "*~"].map(String::from).to_vec()
 }
 
 fn default_listen() -> String {
@@ -196,6 +217,15 @@ impl Config {
                 "max_wait",
                 format!("must be at most {}s", schemas::wire::MAX_WAIT_SECONDS),
             ));
+        }
+        if self.files_rescan_interval.is_zero() {
+            return Err(Error::config(
+                "files_rescan_interval",
+                "must be greater than 0",
+            ));
+        }
+        if let Err(e) = crate::files::scan::Ignore::new(&self.files_ignore) {
+            return Err(Error::config("files_ignore", e));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(Error::config(

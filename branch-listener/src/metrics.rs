@@ -12,6 +12,10 @@ pub const SERVED_CHANGES_TOTAL: &str = "branch_listener_served_changes_total";
 pub const REQUESTS_TOTAL: &str = "branch_listener_requests_total";
 pub const PRUNED_CHANGES_TOTAL: &str = "branch_listener_pruned_changes_total";
 pub const TICKS_TOTAL: &str = "branch_listener_ticks_total";
+pub const FILES_INDEXED_TOTAL: &str = "branch_listener_files_indexed_total";
+pub const FILES_SKIPPED_TOTAL: &str = "branch_listener_files_skipped_total";
+pub const FILES_SCAN_DURATION_SECONDS: &str = "branch_listener_files_scan_duration_seconds";
+pub const FILES_SERVED_BYTES_TOTAL: &str = "branch_listener_files_served_bytes_total";
 
 /// Installs the process-wide recorder once (tests start several servers in one process).
 pub fn handle() -> PrometheusHandle {
@@ -32,6 +36,19 @@ pub fn handle() -> PrometheusHandle {
             metrics::describe_counter!(REQUESTS_TOTAL, "HTTP requests by endpoint and status");
             metrics::describe_counter!(PRUNED_CHANGES_TOTAL, "Acknowledged changes pruned");
             metrics::describe_counter!(TICKS_TOTAL, "Ticks made");
+            metrics::describe_counter!(
+                FILES_INDEXED_TOTAL,
+                "File index rows written (op: upsert or delete), each one a file event"
+            );
+            metrics::describe_counter!(
+                FILES_SKIPPED_TOTAL,
+                "Files refused by a scan (reason: symlink_outside, not_utf8, bad_name, unreadable)"
+            );
+            metrics::describe_histogram!(
+                FILES_SCAN_DURATION_SECONDS,
+                "Duration of a scan of files_dir (walk, hash of changed files, index writes)"
+            );
+            metrics::describe_counter!(FILES_SERVED_BYTES_TOTAL, "File content bytes served");
             h
         })
         .clone()
