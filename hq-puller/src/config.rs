@@ -48,6 +48,9 @@ pub struct Config {
     pub log_format: LogFormat,
     #[serde(default)]
     pub locations: Vec<LocationConfig>,
+    /// What a file deleted at a branch becomes at HQ (default for every location).
+    #[serde(default)]
+    pub file_delete: crate::files::FileDelete,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -89,6 +92,8 @@ pub struct LocationConfig {
     pub request_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    #[serde(default)]
+    pub file_delete: Option<crate::files::FileDelete>,
 }
 
 fn default_schedule() -> String {
@@ -128,6 +133,7 @@ pub struct Location {
     pub batch_limit: u32,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    pub file_delete: crate::files::FileDelete,
 }
 
 /// A validated configuration.
@@ -295,6 +301,7 @@ impl Config {
                     batch_limit,
                     request_timeout: l.request_timeout.unwrap_or(self.request_timeout),
                     connect_timeout: l.connect_timeout.unwrap_or(self.connect_timeout),
+                    file_delete: l.file_delete.unwrap_or(self.file_delete),
                 });
             }
         }

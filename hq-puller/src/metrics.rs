@@ -14,6 +14,10 @@ pub const PULL_DURATION: &str = "hq_puller_pull_duration_seconds";
 pub const APPLY_DURATION: &str = "hq_puller_apply_duration_seconds";
 pub const LOCATION_STATE: &str = "hq_puller_location_state";
 pub const JOB_STALLED: &str = "hq_puller_job_stalled";
+pub const FILES_DOWNLOADED: &str = "hq_puller_files_downloaded_total";
+pub const FILES_DOWNLOADED_BYTES: &str = "hq_puller_files_downloaded_bytes_total";
+pub const FILES_CHECKSUM_FAILURES: &str = "hq_puller_files_checksum_failures_total";
+pub const FILES_SUPERSEDED: &str = "hq_puller_files_superseded_total";
 
 const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,

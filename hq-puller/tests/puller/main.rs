@@ -247,6 +247,7 @@ async fn applies_batches_and_redelivery_changes_nothing() {
             "b01",
             &fetched.response,
             &checked,
+            &hq_puller::files::Plan::default(),
         )
         .await
         .unwrap()
