@@ -1,4 +1,4 @@
-//! Downloading one content into the object store: `.tmp/<sha256>.part`, resumed with
+//! Downloading one content into the object store: `.tmp/<sha256>.<location>.part`, resumed with
 //! `Range` after a cut, size and sha256 verified while streaming (bounded memory),
 //! fsync'ed, then renamed to `.objects/ab/<sha256>` (and the directory fsync'ed).
 //! A mismatch deletes the partial file and downloads again from the start, up to
@@ -77,7 +77,9 @@ pub async fn fetch(
     tokio::fs::create_dir_all(&tmp_dir)
         .await
         .map_err(|e| io_err("creating", &tmp_dir, e))?;
-    let part = tmp_dir.join(format!("{sha256}.part"));
+    // Per location: two locations fetching the same content never share a partial file
+    // (both then rename identical, verified content onto the same object).
+    let part = tmp_dir.join(format!("{sha256}.{location}.part"));
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS {
         match attempt_once(client, &part, location, path, sha256, size).await? {
@@ -148,7 +150,8 @@ async fn attempt_once(
     let timeout = client.request_timeout();
     let resp = match tokio::time::timeout(timeout, req.send()).await {
         Err(_) => return Ok(Err(Attempt::Cut("request timed out".into()))),
-        Ok(Err(e)) => return Err(Error::transient(describe(&e))),
+        // Connection trouble before the headers: retried like a cut.
+        Ok(Err(e)) => return Ok(Err(Attempt::Cut(describe(&e)))),
         Ok(Ok(r)) => r,
     };
     let status = resp.status();

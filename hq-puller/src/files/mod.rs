@@ -3,7 +3,7 @@
 //! Layout under `files_dir`:
 //! - `<LOCATION>/<PATH>`: the current files of each location (hard links to objects);
 //! - `.objects/ab/<sha256>`: content stored once, verified (size and sha256);
-//! - `.tmp/`: downloads in progress (`<sha256>.part`, resumed with `Range`) and
+//! - `.tmp/`: downloads in progress (`<sha256>.<location>.part`, resumed with `Range`) and
 //!   placement temporaries;
 //! - `.archive/<LOCATION>/<PATH>.<UTC timestamp>`: deleted files (`file_delete =
 //!   "archive"`, the default).

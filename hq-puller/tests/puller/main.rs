@@ -2,6 +2,7 @@
 //! listeners (fake.rs).
 
 mod fake;
+mod files;
 
 use fake::{ch, Behaviour, Branch, Fake, TOKEN};
 use hq_puller::config::{self, Settings};
