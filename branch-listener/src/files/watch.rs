@@ -264,16 +264,20 @@ pub async fn run(config: Arc<Config>, db: Db, shutdown: CancellationToken) {
                 false
             }
         };
+        let mut failed = !ready;
         if ready {
             if let Err(e) = watcher.scan(&db).await {
-                tracing::warn!(error = %e, "file scan failed; retrying");
+                // E.g. SQLite's write lock held by the application beyond the busy
+                // timeout: nothing was lost, the next scan redoes the comparison.
+                tracing::warn!(error = %e, "file scan failed; retrying in 1s");
+                failed = true;
             }
             last_full = Instant::now();
         }
         if notify.is_none() && last_full.elapsed() >= config.files_rescan_interval {
             notify = start_notify(&root); // files_dir may have appeared
         }
-        let next = if !ready {
+        let next = if failed {
             Duration::from_secs(1).min(config.files_rescan_interval)
         } else if watcher.has_pending() {
             (config.files_settle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
