@@ -324,6 +324,17 @@ mod tests {
         assert_eq!(c.retention, Duration::from_secs(86400));
         assert_eq!(c.max_limit, 50_000);
         assert_eq!(c.backend().unwrap(), Backend::Sqlite);
+        assert_eq!(c.files_rescan_interval, Duration::from_secs(300));
+        assert_eq!(c.files_settle, Duration::from_secs(2));
+        assert_eq!(c.files_ignore, [".*", "*.tmp", "*.part", "*~"]);
+        let c = Config::from_figment(
+            base(d.path())
+                .merge(Serialized::default("files_settle", "500ms"))
+                .merge(Serialized::default("files_ignore", vec!["*.bak"])),
+        )
+        .unwrap();
+        assert_eq!(c.files_settle, Duration::from_millis(500));
+        assert_eq!(c.files_ignore, ["*.bak"]);
     }
 
     #[test]
@@ -347,6 +358,21 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("retention"), "{e}");
+        let e = Config::from_figment(
+            base(d.path()).merge(Serialized::default("files_ignore", vec!["[unclosed"])),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`files_ignore`") && e.contains("[unclosed"),
+            "{e}"
+        );
+        let e = Config::from_figment(
+            base(d.path()).merge(Serialized::default("files_rescan_interval", "0s")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`files_rescan_interval`"), "{e}");
         let e = Config::from_figment(base(d.path()).merge(Serialized::default("bogus", 1)))
             .unwrap_err()
             .to_string();

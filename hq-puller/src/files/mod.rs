@@ -291,6 +291,41 @@ mod tests {
     }
 
     #[test]
+    fn file_delete_default_and_per_location_override() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let token = d.path().join("token");
+        std::fs::write(&token, "test-token-0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let loc = |id: &str, extra: &str| {
+            format!(
+                "[[locations]]\nid = \"{id}\"\nurl = \"http://127.0.0.1:1\"\ntoken_file = \"{}\"\n{extra}\n",
+                token.display()
+            )
+        };
+        let load = |top: &str| {
+            let p = d.path().join("c.toml");
+            std::fs::write(
+                &p,
+                format!(
+                    "database_url = \"postgres://x@h/db\"\n{top}\n{}{}",
+                    loc("b01", ""),
+                    loc("b02", "file_delete = \"archive\"")
+                ),
+            )
+            .unwrap();
+            crate::config::load(&p)
+        };
+        let s = load("").unwrap();
+        assert_eq!(s.location("b01").unwrap().file_delete, FileDelete::Archive);
+        let s = load("file_delete = \"mirror\"").unwrap();
+        assert_eq!(s.location("b01").unwrap().file_delete, FileDelete::Mirror);
+        assert_eq!(s.location("b02").unwrap().file_delete, FileDelete::Archive);
+        let e = load("file_delete = \"shred\"").unwrap_err().to_string();
+        assert!(e.contains("shred"), "{e}");
+    }
+
+    #[test]
     fn delete_mode_parses() {
         #[derive(Deserialize)]
         struct C {
