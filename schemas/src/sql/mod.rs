@@ -8,6 +8,7 @@
 //! Identifiers come from a validated [`crate::Catalogue`] only and are always quoted.
 
 pub mod hq;
+pub mod snapshot;
 pub mod postgres;
 pub mod sqlite;
 
