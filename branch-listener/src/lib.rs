@@ -8,6 +8,7 @@
 //! - [`wake`]: change notification for long-polls (LISTEN/NOTIFY, `PRAGMA data_version`).
 //! - [`prune`]: deletion of acknowledged history after the retention.
 //! - [`http`]: the pull protocol endpoints (`app(state) -> Router`).
+//! - [`snapshot`]: `/v1/snapshot` pages and `/v1/checksums` (initial load, resync, verify).
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`serve`]: `run(config, listener, shutdown)`.
 //! - [`error`]: the crate's error type and its HTTP mapping.
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod prune;
 pub mod pull_area;
 pub mod serve;
+pub mod snapshot;
 pub mod ticker;
 pub mod wake;
 

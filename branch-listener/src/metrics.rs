@@ -12,6 +12,7 @@ pub const SERVED_CHANGES_TOTAL: &str = "branch_listener_served_changes_total";
 pub const REQUESTS_TOTAL: &str = "branch_listener_requests_total";
 pub const PRUNED_CHANGES_TOTAL: &str = "branch_listener_pruned_changes_total";
 pub const TICKS_TOTAL: &str = "branch_listener_ticks_total";
+pub const SNAPSHOT_ROWS_TOTAL: &str = "branch_listener_snapshot_rows_total";
 
 /// Installs the process-wide recorder once (tests start several servers in one process).
 pub fn handle() -> PrometheusHandle {
@@ -32,6 +33,7 @@ pub fn handle() -> PrometheusHandle {
             metrics::describe_counter!(REQUESTS_TOTAL, "HTTP requests by endpoint and status");
             metrics::describe_counter!(PRUNED_CHANGES_TOTAL, "Acknowledged changes pruned");
             metrics::describe_counter!(TICKS_TOTAL, "Ticks made");
+            metrics::describe_counter!(SNAPSHOT_ROWS_TOTAL, "Rows served by /v1/snapshot");
             h
         })
         .clone()

@@ -89,6 +89,9 @@ pub struct LocationConfig {
     pub request_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    /// Resync automatically (snapshot reload) when the branch needs it.
+    #[serde(default)]
+    pub auto_resync: bool,
 }
 
 fn default_schedule() -> String {
@@ -128,6 +131,8 @@ pub struct Location {
     pub batch_limit: u32,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// `needs_resync` triggers a resync at once instead of waiting for an operator.
+    pub auto_resync: bool,
 }
 
 /// A validated configuration.
@@ -295,6 +300,7 @@ impl Config {
                     batch_limit,
                     request_timeout: l.request_timeout.unwrap_or(self.request_timeout),
                     connect_timeout: l.connect_timeout.unwrap_or(self.connect_timeout),
+                    auto_resync: l.auto_resync,
                 });
             }
         }

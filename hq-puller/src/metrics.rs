@@ -14,6 +14,10 @@ pub const PULL_DURATION: &str = "hq_puller_pull_duration_seconds";
 pub const APPLY_DURATION: &str = "hq_puller_apply_duration_seconds";
 pub const LOCATION_STATE: &str = "hq_puller_location_state";
 pub const JOB_STALLED: &str = "hq_puller_job_stalled";
+/// Rows loaded by initial loads and resyncs.
+pub const LOADED_ROWS: &str = "hq_puller_loaded_rows_total";
+/// Differing rows found by the last `verify` of a location and table.
+pub const VERIFY_DIFFERENCES: &str = "hq_puller_verify_differences";
 
 const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
