@@ -48,6 +48,9 @@ pub struct Config {
     pub log_format: LogFormat,
     #[serde(default)]
     pub locations: Vec<LocationConfig>,
+    /// Rows per snapshot page of initial loads and resyncs.
+    #[serde(default = "default_snapshot_page_rows")]
+    pub snapshot_page_rows: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -112,6 +115,9 @@ fn default_connect_timeout() -> Duration {
 fn default_batch_limit() -> u32 {
     5000
 }
+fn default_snapshot_page_rows() -> u32 {
+    schemas::wire::DEFAULT_SNAPSHOT_LIMIT
+}
 fn default_true() -> bool {
     true
 }
@@ -146,6 +152,7 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub locations: Vec<Location>,
+    pub snapshot_page_rows: u32,
 }
 
 impl Settings {
@@ -225,6 +232,12 @@ impl Config {
         }
         if self.batch_limit == 0 {
             problems.push("batch_limit: must be at least 1".into());
+        }
+        if !(1..=schemas::wire::MAX_SNAPSHOT_LIMIT).contains(&self.snapshot_page_rows) {
+            problems.push(format!(
+                "snapshot_page_rows: must be between 1 and {}",
+                schemas::wire::MAX_SNAPSHOT_LIMIT
+            ));
         }
         if self.run_budget.is_zero() {
             problems.push("run_budget: must be more than 0s".into());
@@ -316,6 +329,7 @@ impl Config {
             metrics_listen: self.metrics_listen,
             log_format: self.log_format,
             locations,
+            snapshot_page_rows: self.snapshot_page_rows,
         })
     }
 }

@@ -32,9 +32,6 @@ use schemas::Cursor;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Rows per snapshot page.
-pub const PAGE_ROWS: u32 = 20_000;
-
 /// `sync.loads.kind`.
 pub mod kind {
     pub const INITIAL: &str = "initial";
@@ -246,7 +243,7 @@ pub async fn initial(app: &App, loc: &Location) -> Result<Loaded> {
     if stored.is_none() {
         sqlx::query(
             "UPDATE sync.locations SET cursor = $2, instance_id = $3, state = 'ok', \
-             paused_reason = NULL, last_success_at = now(), updated_at = now() WHERE id = $1",
+             paused_reason = NULL, snapshot_cursor = $2, last_success_at = now(), updated_at = now() WHERE id = $1",
         )
         .bind(&loc.id)
         .bind(row.start.to_string())
@@ -365,7 +362,7 @@ async fn resync_inner(app: &App, loc: &Location) -> Result<Loaded> {
     }
     sqlx::query(
         "UPDATE sync.locations SET cursor = $2, instance_id = $3, state = 'ok', \
-         paused_reason = NULL, last_success_at = now(), updated_at = now() WHERE id = $1",
+         paused_reason = NULL, snapshot_cursor = $2, last_success_at = now(), updated_at = now() WHERE id = $1",
     )
     .bind(&loc.id)
     .bind(row.start.to_string())
@@ -390,10 +387,9 @@ async fn fetch(
     client: crate::client::Client,
     table: String,
     after: Option<String>,
+    rows: u32,
 ) -> Result<(SnapshotPage, u64)> {
-    client
-        .snapshot_page(&table, after.as_deref(), PAGE_ROWS)
-        .await
+    client.snapshot_page(&table, after.as_deref(), rows).await
 }
 
 /// Loads every table from where `row` stands into `targets` (one per catalogue table).
@@ -417,6 +413,7 @@ async fn load_pages(
         })?,
         None => 0,
     };
+    let page_rows = app.settings.snapshot_page_rows;
     let mut progress = Progress::new(&loc.id, what);
     for (ti, table) in tables.iter().enumerate().skip(first) {
         let upsert = hq::upsert_into(table, &targets[ti]);
@@ -429,6 +426,7 @@ async fn load_pages(
             client.clone(),
             table.name.clone(),
             after.clone(),
+            page_rows,
         )));
         while let Some(task) = next.take() {
             let (page, _bytes) = task
@@ -441,6 +439,7 @@ async fn load_pages(
                     client.clone(),
                     table.name.clone(),
                     Some(a.clone()),
+                    page_rows,
                 )));
             }
             let n = page.rows.len() as u64;

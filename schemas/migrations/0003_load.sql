@@ -18,3 +18,7 @@ CREATE TABLE sync.loads (
 );
 
 CREATE SCHEMA IF NOT EXISTS hq_stage;
+
+-- The snapshot start (T0) of the location's last completed initial load or resync:
+-- rows loaded from that snapshot carry `_seq = 0` at HQ, changes after it their seq.
+ALTER TABLE sync.locations ADD COLUMN snapshot_cursor text;
