@@ -20,7 +20,7 @@ use axum::Json;
 use schemas::canonical::{canonical_row, RowHasher, Zone};
 use schemas::catalogue::Table;
 use schemas::sql::snapshot as sql;
-use schemas::wire::{self, Chunk, ChecksumsResponse, SnapshotPage, SnapshotStart};
+use schemas::wire::{self, ChecksumsResponse, Chunk, SnapshotPage, SnapshotStart};
 use schemas::{Catalogue, Cursor};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -188,7 +188,11 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Json<Snaps
             images.push(raw(row)?);
             last = Some(key);
         }
-        let next_after = if full { last.map(raw).transpose()? } else { None };
+        let next_after = if full {
+            last.map(raw).transpose()?
+        } else {
+            None
+        };
         metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(images.len() as u64);
         tracing::debug!(table = %table.name, rows = images.len(), "served snapshot page");
         Ok(SnapshotPage {
@@ -246,8 +250,8 @@ pub async fn checksums(
             let (first_key, last_key) = (first.1.clone(), last.1.clone());
             let mut h = RowHasher::new();
             for (row, _) in &rows {
-                let c = canonical_row(&table, row, zone)
-                    .map_err(|e| Error::Database(e.to_string()))?;
+                let c =
+                    canonical_row(&table, row, zone).map_err(|e| Error::Database(e.to_string()))?;
                 h.add(&c);
             }
             out.push(Chunk {
@@ -305,7 +309,9 @@ mod tests {
             (r#"{"product_id":null}"#, "missing or not a scalar"),
             (r#"{"product_id":1,"x":2}"#, "other than the key"),
         ] {
-            let e = after_param(&q(&[("after", a)]), &t).unwrap_err().to_string();
+            let e = after_param(&q(&[("after", a)]), &t)
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with("after: ") && e.contains(why), "{a}: {e}");
         }
         assert_eq!(
@@ -313,6 +319,9 @@ mod tests {
             Some(r#"{"product_id":7}"#.to_string())
         );
         assert!(u32_param(&q(&[("limit", "0")]), "limit", 5, 10).is_err());
-        assert_eq!(u32_param(&q(&[("limit", "99")]), "limit", 5, 10).unwrap(), 10);
+        assert_eq!(
+            u32_param(&q(&[("limit", "99")]), "limit", 5, 10).unwrap(),
+            10
+        );
     }
 }

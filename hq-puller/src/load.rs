@@ -78,19 +78,23 @@ pub async fn load_row(pool: &PgPool, location: &str) -> Result<Option<LoadRow>> 
     .bind(location)
     .fetch_optional(pool)
     .await?;
-    r.map(|(kind, c, instance_id, time_zone, table_name, last_key, rows_loaded)| {
-        Ok(LoadRow {
-            kind,
-            start: c.parse().map_err(|e| {
-                Error::permanent(format!("sync.loads of {location}: corrupt start cursor: {e}"))
-            })?,
-            instance_id,
-            time_zone,
-            table_name,
-            last_key,
-            rows_loaded,
-        })
-    })
+    r.map(
+        |(kind, c, instance_id, time_zone, table_name, last_key, rows_loaded)| {
+            Ok(LoadRow {
+                kind,
+                start: c.parse().map_err(|e| {
+                    Error::permanent(format!(
+                        "sync.loads of {location}: corrupt start cursor: {e}"
+                    ))
+                })?,
+                instance_id,
+                time_zone,
+                table_name,
+                last_key,
+                rows_loaded,
+            })
+        },
+    )
     .transpose()
 }
 
@@ -443,8 +447,8 @@ async fn load_pages(
                 )));
             }
             let n = page.rows.len() as u64;
-            let applied = apply_page(app, loc, row, table, &upsert, &page, next_after.as_deref())
-                .await;
+            let applied =
+                apply_page(app, loc, row, table, &upsert, &page, next_after.as_deref()).await;
             if let Err(e) = applied {
                 if let Some(t) = next.take() {
                     t.abort();
@@ -543,7 +547,10 @@ async fn apply_page(
         Some(k) => (Some(table.name.as_str()), Some(k)),
         None => {
             let tables = &app.settings.catalogue.tables;
-            let i = tables.iter().position(|t| t.name == table.name).unwrap_or(0);
+            let i = tables
+                .iter()
+                .position(|t| t.name == table.name)
+                .unwrap_or(0);
             (tables.get(i + 1).map(|t| t.name.as_str()), None)
         }
     };

@@ -250,7 +250,12 @@ async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, 
             settle,
         } => {
             let targets: Vec<_> = if all {
-                settings.locations.iter().filter(|l| l.enabled).cloned().collect()
+                settings
+                    .locations
+                    .iter()
+                    .filter(|l| l.enabled)
+                    .cloned()
+                    .collect()
             } else {
                 let id = location.expect("clap requires a location without --all");
                 match settings.location(&id) {

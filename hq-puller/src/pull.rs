@@ -146,7 +146,11 @@ async fn auto_resync(app: &App, loc: &Location) -> Result<RunReport> {
     let (outcome, error, error_kind) = match &r {
         Ok(crate::load::Loaded::Done { .. }) => (outcome::OK.to_string(), None, None),
         Ok(other) => (format!("{other:?}").to_lowercase(), None, None),
-        Err(e) => (outcome::FAILED.to_string(), Some(e.to_string()), Some(e.kind())),
+        Err(e) => (
+            outcome::FAILED.to_string(),
+            Some(e.to_string()),
+            Some(e.kind()),
+        ),
     };
     if let Err(e) = &r {
         tracing::error!(location = %loc.id, error = %e, "auto resync failed");

@@ -123,7 +123,10 @@ impl fmt::Display for LocationResult {
                     .collect();
                 writeln!(f, "    changed {}: {}", c.key, cols.join("; "))?;
             }
-            for (what, keys) in [("missing at HQ", &t.missing_at_hq), ("extra at HQ", &t.extra_at_hq)] {
+            for (what, keys) in [
+                ("missing at HQ", &t.missing_at_hq),
+                ("extra at HQ", &t.extra_at_hq),
+            ] {
                 for k in keys.iter().take(SHOWN) {
                     writeln!(f, "    {what}: {k}")?;
                 }
@@ -332,14 +335,17 @@ async fn verify_table(
     let mut head: Option<Cursor>;
     let mut zone: Zone;
     let mut time_zone: String;
-    let per_request = (schemas::wire::MAX_CHECKSUM_ROWS / u64::from(opts.chunk_rows.max(1)))
-        .clamp(1, 100) as u32;
+    let per_request =
+        (schemas::wire::MAX_CHECKSUM_ROWS / u64::from(opts.chunk_rows.max(1))).clamp(1, 100) as u32;
     loop {
         let resp = client
             .checksums(&table.name, after.as_deref(), opts.chunk_rows, per_request)
             .await?;
         zone = Zone::parse(&resp.time_zone).ok_or_else(|| {
-            Error::permanent(format!("branch time_zone {:?} is not an IANA zone", resp.time_zone))
+            Error::permanent(format!(
+                "branch time_zone {:?} is not an IANA zone",
+                resp.time_zone
+            ))
         })?;
         time_zone = resp.time_zone.clone();
         head = Some(resp.head);
@@ -479,7 +485,11 @@ mod tests {
         assert_eq!(r.changed[0].key, "product_id=1");
         assert_eq!(
             r.changed[0].columns,
-            vec![("quantity_on_hand".into(), Some("5".into()), Some("6".into()))]
+            vec![(
+                "quantity_on_hand".into(),
+                Some("5".into()),
+                Some("6".into())
+            )]
         );
         assert_eq!(r.missing_at_hq, vec!["product_id=2"]);
         assert_eq!(r.extra_at_hq, vec!["product_id=3"]);

@@ -351,8 +351,12 @@ mod tests {
         h2.add(&b);
         assert_eq!(h1.finish(), h2.finish());
         // NULL and empty text differ; a cent differs; a string in a number column differs.
-        let c = canonical_row(t, &hq.replace(r#""description":"""#, r#""description":null"#), z)
-            .unwrap();
+        let c = canonical_row(
+            t,
+            &hq.replace(r#""description":"""#, r#""description":null"#),
+            z,
+        )
+        .unwrap();
         assert_ne!(a, c);
         let d = canonical_row(t, &hq.replace("19.90", "19.91"), z).unwrap();
         assert_ne!(a, d);

@@ -8,8 +8,8 @@
 //! Identifiers come from a validated [`crate::Catalogue`] only and are always quoted.
 
 pub mod hq;
-pub mod snapshot;
 pub mod postgres;
+pub mod snapshot;
 pub mod sqlite;
 
 /// Version of the branch pull-area layout. Stored in the pull area's metadata; install

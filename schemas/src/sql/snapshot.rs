@@ -82,11 +82,7 @@ pub fn sqlite_page(table: &Table, with_after: bool) -> String {
             .into_iter()
             .map(|(k, _)| format!("json_extract(?1, '$.{k}')"))
             .collect();
-        format!(
-            "WHERE ({}) > ({})",
-            cols.join(", "),
-            params.join(", ")
-        )
+        format!("WHERE ({}) > ({})", cols.join(", "), params.join(", "))
     } else {
         String::new()
     };
@@ -228,6 +224,9 @@ mod tests {
             ],
         };
         let p = postgres_page(&text_key, true);
-        assert!(p.contains("ORDER BY (t.\"a\" COLLATE \"C\"), t.\"b\""), "{p}");
+        assert!(
+            p.contains("ORDER BY (t.\"a\" COLLATE \"C\"), t.\"b\""),
+            "{p}"
+        );
     }
 }

@@ -224,7 +224,10 @@ async fn verify_names_changed_missing_and_extra_rows_and_resync_repairs() -> Res
         t("stock_movements")["extra_at_hq"],
         serde_json::json!(["movement_id=999999"])
     );
-    assert!(t("product_images")["changed"].as_array().unwrap().is_empty());
+    assert!(t("product_images")["changed"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 
     let (code, out, err) = hq_exec(&w.hq, &["resync", "b01"]).await?;
     assert_eq!(code, 0, "{out}\n{err}");
@@ -294,14 +297,18 @@ async fn restored_and_foreign_branch_databases_are_detected_and_resynced() -> Re
         b.start().await?;
     }
     let hq = &w.hq;
-    wait_for("both locations to need a resync", Duration::from_secs(60), || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sync.locations WHERE state = 'needs_resync'",
-        )
-        .fetch_one(&hq.pool)
-        .await?;
-        Ok((n == 2).then_some(()))
-    })
+    wait_for(
+        "both locations to need a resync",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM sync.locations WHERE state = 'needs_resync'",
+            )
+            .fetch_one(&hq.pool)
+            .await?;
+            Ok((n == 2).then_some(()))
+        },
+    )
     .await
     .with_context(|| w.hq.log_tail(30))?;
     let status = w.hq.status_json().await?;
@@ -408,13 +415,17 @@ async fn kill_9_during_initial_load_resumes_and_ends_equal() -> Result<()> {
     let mut w = preloaded(1, 0, 8_000, &["UTC"], 500).await?;
     w.hq.start()?;
     let hq = &w.hq;
-    wait_for("the load to pass 3,000 rows", Duration::from_secs(60), || async {
-        let n: Option<i64> =
-            sqlx::query_scalar("SELECT rows_loaded FROM sync.loads WHERE location_id = 'b01'")
-                .fetch_optional(&hq.pool)
-                .await?;
-        Ok(n.filter(|n| *n >= 3_000).map(|_| ()))
-    })
+    wait_for(
+        "the load to pass 3,000 rows",
+        Duration::from_secs(60),
+        || async {
+            let n: Option<i64> =
+                sqlx::query_scalar("SELECT rows_loaded FROM sync.loads WHERE location_id = 'b01'")
+                    .fetch_optional(&hq.pool)
+                    .await?;
+            Ok(n.filter(|n| *n >= 3_000).map(|_| ()))
+        },
+    )
     .await?;
     w.hq.kill9()?;
     let (state, loaded): (String, Option<i64>) = sqlx::query_as(
