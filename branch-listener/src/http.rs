@@ -57,6 +57,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/files/{sha256}", get(crate::files::serve::get_file))
         .route("/metrics", get(metrics_text))
+        .route("/v1/snapshot/start", get(crate::snapshot::start))
+        .route("/v1/snapshot", get(crate::snapshot::page))
+        .route("/v1/checksums", get(crate::snapshot::checksums))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz))
@@ -199,7 +202,7 @@ fn cursor(instance_id: uuid::Uuid, t: &Tick) -> Cursor {
 /// write lock (the branch application could no longer write) or an old read snapshot.
 /// A detached task always runs to its end; a long-poll in it ends at its deadline or at
 /// shutdown.
-async fn detached<T: Send + 'static>(
+pub(crate) async fn detached<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
     tokio::spawn(work)
@@ -314,7 +317,7 @@ async fn serve_changes(state: AppState, p: ChangesParams) -> Result<ChangesRespo
 
 /// Ignores a retryable failure of an optional write (a later read fails anyway if the
 /// database is really unreachable).
-fn tolerate_busy(r: Result<()>, what: &str) -> Result<()> {
+pub(crate) fn tolerate_busy(r: Result<()>, what: &str) -> Result<()> {
     match r {
         Err(e @ Error::Unavailable(_)) => {
             tracing::debug!(error = %e, what, "skipped: branch database busy");

@@ -9,6 +9,7 @@
 //! - [`prune`]: deletion of acknowledged history after the retention.
 //! - [`files`]: the files pull area (scan, index, watcher, `/v1/files/{sha256}`).
 //! - [`http`]: the pull protocol endpoints (`app(state) -> Router`).
+//! - [`snapshot`]: `/v1/snapshot` pages and `/v1/checksums` (initial load, resync, verify).
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`serve`]: `run(config, listener, shutdown)`.
 //! - [`error`]: the crate's error type and its HTTP mapping.
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod prune;
 pub mod pull_area;
 pub mod serve;
+pub mod snapshot;
 pub mod ticker;
 pub mod wake;
 

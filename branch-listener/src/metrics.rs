@@ -16,6 +16,7 @@ pub const FILES_INDEXED_TOTAL: &str = "branch_listener_files_indexed_total";
 pub const FILES_SKIPPED_TOTAL: &str = "branch_listener_files_skipped_total";
 pub const FILES_SCAN_DURATION_SECONDS: &str = "branch_listener_files_scan_duration_seconds";
 pub const FILES_SERVED_BYTES_TOTAL: &str = "branch_listener_files_served_bytes_total";
+pub const SNAPSHOT_ROWS_TOTAL: &str = "branch_listener_snapshot_rows_total";
 
 /// Installs the process-wide recorder once (tests start several servers in one process).
 pub fn handle() -> PrometheusHandle {
@@ -49,6 +50,7 @@ pub fn handle() -> PrometheusHandle {
                 "Duration of a scan of files_dir (walk, hash of changed files, index writes)"
             );
             metrics::describe_counter!(FILES_SERVED_BYTES_TOTAL, "File content bytes served");
+            metrics::describe_counter!(SNAPSHOT_ROWS_TOTAL, "Rows served by /v1/snapshot");
             h
         })
         .clone()

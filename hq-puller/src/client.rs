@@ -3,7 +3,9 @@
 
 use crate::config::Location;
 use crate::error::{Error, Result};
-use schemas::wire::{error_code, ChangesResponse, ErrorBody};
+use schemas::wire::{
+    error_code, ChangesResponse, ChecksumsResponse, ErrorBody, SnapshotPage, SnapshotStart,
+};
 use schemas::Cursor;
 use std::time::Duration;
 
@@ -16,6 +18,8 @@ pub struct Client {
     changes_url: url::Url,
     /// `v1/files/` under the location's base URL.
     files_url: url::Url,
+    /// Base URL of the listener (ends with '/'), for the snapshot and checksum calls.
+    base: url::Url,
     /// The first token of the location's token file is sent (redacted in `Debug`).
     tokens: schemas::secret::Tokens,
     request_timeout: Duration,
@@ -43,6 +47,7 @@ impl Client {
             base.set_path(&p);
         }
         let changes_url = base
+            .clone()
             .join("v1/changes")
             .map_err(|e| Error::Config(format!("location {}: url: {e}", loc.id)))?;
         let files_url = base
@@ -52,6 +57,7 @@ impl Client {
             http,
             changes_url,
             files_url,
+            base,
             tokens: loc.tokens.clone(),
             request_timeout: loc.request_timeout,
         })
@@ -77,6 +83,21 @@ impl Client {
             }
         }
         let timeout = self.request_timeout + Duration::from_secs(u64::from(wait.unwrap_or(0)));
+        let body = self.get_body(url, timeout).await?;
+        let response: ChangesResponse = serde_json::from_slice(&body).map_err(|e| {
+            Error::permanent(format!("listener sent a malformed changes response: {e}"))
+        })?;
+        Ok(Fetched {
+            response,
+            bytes: body.len() as u64,
+        })
+    }
+}
+
+impl Client {
+    /// `GET url` with the token; the body (bounded by [`MAX_BODY_BYTES`]) of a
+    /// successful response, or the error mapped to its kind.
+    async fn get_body(&self, url: url::Url, timeout: Duration) -> Result<Vec<u8>> {
         let mut resp = self
             .http
             .get(url)
@@ -109,15 +130,76 @@ impl Client {
             body.extend_from_slice(&chunk);
         }
         if !status.is_success() {
+            if status == reqwest::StatusCode::NOT_FOUND {
+                return Err(Error::NotSupported(format!(
+                    "listener has no {} endpoint (older version?)",
+                    resp.url().path()
+                )));
+            }
             return Err(http_error(status, &body));
         }
-        let response: ChangesResponse = serde_json::from_slice(&body).map_err(|e| {
-            Error::permanent(format!("listener sent a malformed changes response: {e}"))
+        Ok(body)
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<(T, u64)> {
+        let mut url = self
+            .base
+            .join(path)
+            .map_err(|e| Error::Other(format!("listener url: {e}")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in query {
+                q.append_pair(k, v);
+            }
+        }
+        let body = self.get_body(url, self.request_timeout).await?;
+        let n = body.len() as u64;
+        let v = serde_json::from_slice(&body).map_err(|e| {
+            Error::permanent(format!("listener sent a malformed {path} response: {e}"))
         })?;
-        Ok(Fetched {
-            response,
-            bytes: body.len() as u64,
-        })
+        Ok((v, n))
+    }
+
+    /// `GET /v1/snapshot/start`: T0 and the tables.
+    pub async fn snapshot_start(&self) -> Result<SnapshotStart> {
+        Ok(self.get_json("v1/snapshot/start", &[]).await?.0)
+    }
+
+    /// `GET /v1/snapshot?table=..&after=..&limit=..`; also returns the body size.
+    pub async fn snapshot_page(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(SnapshotPage, u64)> {
+        let mut q = vec![("table", table.to_string()), ("limit", limit.to_string())];
+        if let Some(a) = after {
+            q.push(("after", a.to_string()));
+        }
+        self.get_json("v1/snapshot", &q).await
+    }
+
+    /// `GET /v1/checksums?table=..&after=..&chunk=..&chunks=..`.
+    pub async fn checksums(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        chunk: u32,
+        chunks: u32,
+    ) -> Result<ChecksumsResponse> {
+        let mut q = vec![
+            ("table", table.to_string()),
+            ("chunk", chunk.to_string()),
+            ("chunks", chunks.to_string()),
+        ];
+        if let Some(a) = after {
+            q.push(("after", a.to_string()));
+        }
+        Ok(self.get_json("v1/checksums", &q).await?.0)
     }
 }
 

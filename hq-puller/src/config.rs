@@ -51,6 +51,9 @@ pub struct Config {
     /// What a file deleted at a branch becomes at HQ (default for every location).
     #[serde(default)]
     pub file_delete: crate::files::FileDelete,
+    /// Rows per snapshot page of initial loads and resyncs.
+    #[serde(default = "default_snapshot_page_rows")]
+    pub snapshot_page_rows: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -94,6 +97,9 @@ pub struct LocationConfig {
     pub connect_timeout: Option<Duration>,
     #[serde(default)]
     pub file_delete: Option<crate::files::FileDelete>,
+    /// Resync automatically (snapshot reload) when the branch needs it.
+    #[serde(default)]
+    pub auto_resync: bool,
 }
 
 fn default_schedule() -> String {
@@ -113,6 +119,9 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_batch_limit() -> u32 {
     5000
+}
+fn default_snapshot_page_rows() -> u32 {
+    schemas::wire::DEFAULT_SNAPSHOT_LIMIT
 }
 fn default_true() -> bool {
     true
@@ -134,6 +143,8 @@ pub struct Location {
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub file_delete: crate::files::FileDelete,
+    /// `needs_resync` triggers a resync at once instead of waiting for an operator.
+    pub auto_resync: bool,
 }
 
 /// A validated configuration.
@@ -147,6 +158,7 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub locations: Vec<Location>,
+    pub snapshot_page_rows: u32,
 }
 
 impl Settings {
@@ -227,6 +239,12 @@ impl Config {
         if self.batch_limit == 0 {
             problems.push("batch_limit: must be at least 1".into());
         }
+        if !(1..=schemas::wire::MAX_SNAPSHOT_LIMIT).contains(&self.snapshot_page_rows) {
+            problems.push(format!(
+                "snapshot_page_rows: must be between 1 and {}",
+                schemas::wire::MAX_SNAPSHOT_LIMIT
+            ));
+        }
         if self.run_budget.is_zero() {
             problems.push("run_budget: must be more than 0s".into());
         }
@@ -302,6 +320,7 @@ impl Config {
                     request_timeout: l.request_timeout.unwrap_or(self.request_timeout),
                     connect_timeout: l.connect_timeout.unwrap_or(self.connect_timeout),
                     file_delete: l.file_delete.unwrap_or(self.file_delete),
+                    auto_resync: l.auto_resync,
                 });
             }
         }
@@ -317,6 +336,7 @@ impl Config {
             metrics_listen: self.metrics_listen,
             log_format: self.log_format,
             locations,
+            snapshot_page_rows: self.snapshot_page_rows,
         })
     }
 }

@@ -12,6 +12,9 @@
 //! - [`schedule`]: cron jobs, stream tasks, no overlap, concurrency cap, backoff, watchdog.
 //! - [`metrics`]: Prometheus metrics and `/metrics`.
 //! - [`status`]: the `status` command's table and JSON.
+//! - [`load`]: initial load and resync by snapshot pages (`sync.loads`), then the stream.
+//! - [`verify`]: `verify`: chunk checksums against the branch, drilled to differing keys.
+//! - [`progress`]: progress bars (terminal) or periodic log lines.
 //! - [`error`]: the error type and its kinds (transient / permanent / needs resync).
 
 pub mod apply;
@@ -19,12 +22,15 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod files;
+pub mod load;
 pub mod metrics;
+pub mod progress;
 pub mod pull;
 pub mod schedule;
 pub mod status;
 pub mod store;
 pub mod validate;
+pub mod verify;
 
 use crate::config::Settings;
 pub use crate::error::{Error, ErrorKind, Result};

@@ -18,6 +18,10 @@ pub const FILES_DOWNLOADED: &str = "hq_puller_files_downloaded_total";
 pub const FILES_DOWNLOADED_BYTES: &str = "hq_puller_files_downloaded_bytes_total";
 pub const FILES_CHECKSUM_FAILURES: &str = "hq_puller_files_checksum_failures_total";
 pub const FILES_SUPERSEDED: &str = "hq_puller_files_superseded_total";
+/// Rows loaded by initial loads and resyncs.
+pub const LOADED_ROWS: &str = "hq_puller_loaded_rows_total";
+/// Differing rows found by the last `verify` of a location and table.
+pub const VERIFY_DIFFERENCES: &str = "hq_puller_verify_differences";
 
 const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,

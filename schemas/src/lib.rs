@@ -10,8 +10,10 @@
 //! - [`migrations`]: the sqlx migrations of the HQ `sync` schema.
 //! - [`secret`]: bearer tokens read from files with permission checks, compared in
 //!   constant time, never printed.
+//! - [`canonical`]: canonical values and row hashes (verify, the test oracle).
 //! - [`telemetry`]: tracing set-up shared by both binaries.
 
+pub mod canonical;
 pub mod catalogue;
 pub mod cursor;
 pub mod files;
