@@ -57,7 +57,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .merge(protected)
         .layer(middleware::from_fn_with_state(timeout, time_limit))
@@ -70,8 +70,8 @@ pub fn app(state: AppState) -> Router {
                 .zstd(true)
                 .quality(CompressionLevel::Fastest),
         )
-        .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
-        .with_state(state)
+        .layer(RequestBodyLimitLayer::new(BODY_LIMIT));
+    crate::limits::wrap(router, &state.config).with_state(state)
 }
 
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -390,6 +390,11 @@ mod tests {
             max_limit: 1000,
             max_wait: Duration::from_secs(30),
             log_format: "text".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            rate_limit_per_second: 0,
+            rate_limit_burst: 1,
+            max_concurrent_requests: 64,
         }
     }
 

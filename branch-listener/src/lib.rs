@@ -11,17 +11,20 @@
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`serve`]: `run(config, listener, shutdown)`.
 //! - [`error`]: the crate's error type and its HTTP mapping.
+//! - [`tls`]: HTTPS (rustls) from PEM files; [`limits`]: rate, concurrency and header limits.
 
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod http;
 pub mod install;
+pub mod limits;
 pub mod metrics;
 pub mod prune;
 pub mod pull_area;
 pub mod serve;
 pub mod ticker;
+pub mod tls;
 pub mod wake;
 
 pub use config::Config;

@@ -139,6 +139,11 @@ async fn branch(backend: Backend) -> Result<Branch> {
         max_limit: 1000,
         max_wait: Duration::from_secs(30),
         log_format: "text".into(),
+        tls_cert_file: None,
+        tls_key_file: None,
+        rate_limit_per_second: 0,
+        rate_limit_burst: 1,
+        max_concurrent_requests: 64,
     };
     let db = Db::connect_lazy(&config, true)?;
     let app = match backend {

@@ -7,9 +7,6 @@ use schemas::wire::{error_code, ChangesResponse, ErrorBody};
 use schemas::Cursor;
 use std::time::Duration;
 
-/// Largest response body accepted (decompressed), against a hostile or broken listener.
-pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
-
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -17,6 +14,8 @@ pub struct Client {
     /// The first token of the location's token file is sent (redacted in `Debug`).
     tokens: schemas::secret::Tokens,
     request_timeout: Duration,
+    /// Largest response body accepted (decompressed): `max_response_bytes`.
+    max_body_bytes: u64,
 }
 
 /// A fetched batch and its size on the wire (decompressed).
@@ -28,7 +27,9 @@ pub struct Fetched {
 
 impl Client {
     pub fn new(loc: &Location) -> Result<Client> {
-        let http = reqwest::Client::builder()
+        let http = loc
+            .transport
+            .configure(reqwest::Client::builder())
             .gzip(true)
             .zstd(true)
             .connect_timeout(loc.connect_timeout)
@@ -48,6 +49,7 @@ impl Client {
             changes_url,
             tokens: loc.tokens.clone(),
             request_timeout: loc.request_timeout,
+            max_body_bytes: loc.transport.max_response_bytes,
         })
     }
 
@@ -80,13 +82,14 @@ impl Client {
             .await
             .map_err(|e| Error::transient(describe(&e)))?;
         let status = resp.status();
+        let max = self.max_body_bytes;
         let too_big = |n: u64| {
             Error::permanent(format!(
-                "listener response of {n} bytes or more exceeds the limit of {MAX_BODY_BYTES} bytes"
+                "listener response of {n} bytes or more exceeds max_response_bytes = {max}"
             ))
         };
         if let Some(len) = resp.content_length() {
-            if len > MAX_BODY_BYTES as u64 {
+            if len > max {
                 return Err(too_big(len));
             }
         }
@@ -97,7 +100,7 @@ impl Client {
             .await
             .map_err(|e| Error::transient(describe(&e)))?
         {
-            if body.len() + chunk.len() > MAX_BODY_BYTES {
+            if (body.len() + chunk.len()) as u64 > max {
                 return Err(too_big((body.len() + chunk.len()) as u64));
             }
             body.extend_from_slice(&chunk);
@@ -139,7 +142,12 @@ fn describe(e: &reqwest::Error) -> String {
     while let Some(s) = root.source() {
         root = s;
     }
-    format!("{what}{at}: {root}")
+    let hint = if root.to_string().contains("certificate") {
+        " (TLS: check the location's ca_file and the listener's tls_cert_file)"
+    } else {
+        ""
+    };
+    format!("{what}{at}: {root}{hint}")
 }
 
 /// Maps an HTTP error status (and the listener's error body, when it has one) to a kind.
@@ -170,6 +178,7 @@ pub fn http_error(status: reqwest::StatusCode, body: &[u8]) -> Error {
         410 => Error::resync(format!(
             "our cursor points into pruned history at the branch: {message}"
         )),
+        429 => Error::transient(format!("listener rate-limited us (HTTP 429): {message}")),
         400..=499 => Error::permanent(format!(
             "listener refused the request (HTTP {s} {code}): {message}"
         )),

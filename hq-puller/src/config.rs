@@ -48,6 +48,16 @@ pub struct Config {
     pub log_format: LogFormat,
     #[serde(default)]
     pub locations: Vec<LocationConfig>,
+    /// PEM file of the private CA(s) that signed the listeners' certificates; when set,
+    /// only these CAs are trusted (not the public web roots). Per location: `ca_file`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Allows `http://` listener URLs (token and data unencrypted; warned at start).
+    #[serde(default)]
+    pub allow_plain_http: bool,
+    /// Largest listener response accepted (bytes, decompressed).
+    #[serde(default = "crate::transport::default_max_response_bytes")]
+    pub max_response_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -89,6 +99,12 @@ pub struct LocationConfig {
     pub request_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    /// Overrides the global `ca_file` for this location.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Overrides the global `allow_plain_http` for this location.
+    #[serde(default)]
+    pub allow_plain_http: Option<bool>,
 }
 
 fn default_schedule() -> String {
@@ -128,6 +144,8 @@ pub struct Location {
     pub batch_limit: u32,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// TLS trust, plain-HTTP permission, response size cap (see [`crate::transport`]).
+    pub transport: crate::transport::Transport,
 }
 
 /// A validated configuration.
@@ -278,11 +296,20 @@ impl Config {
                     None
                 }
             };
+            let transport = match crate::transport::Transport::resolve(self, l, url.as_ref()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    problems.push(format!("{at}: {e}"));
+                    None
+                }
+            };
             let batch_limit = l.batch_limit.unwrap_or(self.batch_limit);
             if batch_limit == 0 {
                 problems.push(format!("{at}: batch_limit: must be at least 1"));
             }
-            if let (Some(url), Some(cron), Some(tokens)) = (url, cron, tokens) {
+            if let (Some(url), Some(cron), Some(tokens), Some(transport)) =
+                (url, cron, tokens, transport)
+            {
                 locations.push(Location {
                     id: l.id.clone(),
                     name: l.name.clone(),
@@ -295,8 +322,12 @@ impl Config {
                     batch_limit,
                     request_timeout: l.request_timeout.unwrap_or(self.request_timeout),
                     connect_timeout: l.connect_timeout.unwrap_or(self.connect_timeout),
+                    transport,
                 });
             }
+        }
+        if self.max_response_bytes < 1024 {
+            problems.push("max_response_bytes: must be at least 1024".into());
         }
         if !problems.is_empty() {
             return Err(Error::Config(problems.join("\n")));

@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus metrics and `/metrics`.
 //! - [`status`]: the `status` command's table and JSON.
 //! - [`error`]: the error type and its kinds (transient / permanent / needs resync).
+//! - [`transport`]: per-location TLS trust (`ca_file`), `allow_plain_http`, response size cap.
 
 pub mod apply;
 pub mod client;
@@ -22,6 +23,7 @@ pub mod pull;
 pub mod schedule;
 pub mod status;
 pub mod store;
+pub mod transport;
 pub mod validate;
 
 use crate::config::Settings;
@@ -143,6 +145,7 @@ pub async fn pull_once(app: &Arc<App>, locations: &[String]) -> Result<Vec<pull:
 /// `hq-puller run`: the service. Returns after `shutdown` once in-flight batches have
 /// committed or rolled back.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
+    transport::warn_plain_http(&settings);
     let app = App::connect(settings, shutdown.clone()).await?;
     check_migrated(&app).await?;
     store::register_locations(&app.pool, &app.settings.locations).await?;
