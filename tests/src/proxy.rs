@@ -268,15 +268,15 @@ where
             }
         }
         if let Mode::Throttle(bytes_per_sec) = mode {
+            if sent == 0 {
+                shared.count("throttle");
+            }
             let per_tick = (bytes_per_sec / 20).max(1) as usize;
             for piece in chunk.chunks(per_tick) {
                 if client.write_all(piece).await.is_err() {
                     return End::Closed;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if sent == 0 {
-                shared.count("throttle");
             }
         } else if client.write_all(chunk).await.is_err() {
             return End::Closed;
