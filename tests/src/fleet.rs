@@ -20,6 +20,8 @@ pub struct BranchOptions {
     pub tick_interval: String,
     /// Serve HTTPS with these files (see `deploy/make-test-ca.sh`).
     pub tls: Option<TlsFiles>,
+    /// Extra lines of the listener's config file.
+    pub extra: String,
 }
 
 /// A listener's certificate and key, and the CA HQ trusts for it.
@@ -70,6 +72,7 @@ impl Default for BranchOptions {
             time_zone: "UTC".into(),
             tick_interval: "1s".into(),
             tls: None,
+            extra: String::new(),
         }
     }
 }
@@ -90,6 +93,7 @@ pub struct BranchNode {
     pub log: PathBuf,
     pub proc: Option<Proc>,
     pub tls: Option<TlsFiles>,
+    extra: String,
     /// The URL HQ is configured with, when not [`BranchNode::url`] (e.g. a fault proxy).
     pub hq_url: Option<String>,
 }
@@ -125,6 +129,7 @@ impl BranchNode {
             log: home.join("branch-listener.log"),
             proc: None,
             tls: opts.tls.clone(),
+            extra: opts.extra.clone(),
             hq_url: None,
         };
         b.write_config()?;
@@ -140,7 +145,7 @@ impl BranchNode {
                 t.key.display().to_string()
             ),
             None => String::new(),
-        };
+        } + &self.extra;
         std::fs::write(
             &self.config,
             format!(
