@@ -26,7 +26,11 @@ async fn branch(dir: &std::path::Path, extra: &str) -> Result<BranchNode> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_endpoints_and_request_limits() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut b = branch(dir.path(), "rate_limit_per_second = 2\nrate_limit_burst = 400\n").await?;
+    let mut b = branch(
+        dir.path(),
+        "rate_limit_per_second = 2\nrate_limit_burst = 400\n",
+    )
+    .await?;
     let client = reqwest::Client::new();
     let base = b.url();
     // Every method but GET (and HEAD) on every endpoint: 405, token or not.
@@ -43,7 +47,14 @@ async fn read_only_endpoints_and_request_limits() -> Result<()> {
         }
     }
     // Unknown paths: 404, token or not.
-    for path in ["/", "/v1", "/v1/changes/x", "/admin", "/v2/changes", "/../etc/passwd"] {
+    for path in [
+        "/",
+        "/v1",
+        "/v1/changes/x",
+        "/admin",
+        "/v2/changes",
+        "/../etc/passwd",
+    ] {
         let r = client
             .get(format!("{base}{path}"))
             .bearer_auth(b.token())
@@ -63,7 +74,11 @@ async fn read_only_endpoints_and_request_limits() -> Result<()> {
     // The token bucket: the burst, then 429 `rate_limited` with Retry-After.
     b.stop().await?;
     let dir2 = tempfile::tempdir()?;
-    let mut b = branch(dir2.path(), "rate_limit_per_second = 1\nrate_limit_burst = 5\n").await?;
+    let mut b = branch(
+        dir2.path(),
+        "rate_limit_per_second = 1\nrate_limit_burst = 5\n",
+    )
+    .await?;
     let base = b.url();
     let mut limited = None;
     for _ in 0..50 {
