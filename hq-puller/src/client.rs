@@ -222,5 +222,9 @@ mod tests {
             http_error(StatusCode::BAD_REQUEST, &body("bad_request")).kind(),
             ErrorKind::Permanent
         );
+        // A rate limit is a reason to come back later, not to pause.
+        let e = http_error(StatusCode::TOO_MANY_REQUESTS, &body("rate_limited"));
+        assert_eq!(e.kind(), ErrorKind::Transient);
+        assert!(e.to_string().contains("rate-limited"));
     }
 }

@@ -85,8 +85,9 @@ async fn main() -> Result<()> {
     let mut hq_down: Option<Instant> = None;
     let mut max_lag = 0.0f64;
     let step = Duration::from_millis(250);
-    let p_fault = step.as_secs_f64() / args.fault_every.as_secs_f64().max(0.001);
-    let p_hq_kill = args.hq_kills_per_minute * step.as_secs_f64() / 60.0;
+    // Faults injected (set), by kind; the proxies count those that fired.
+    let mut injected: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut last_iter = Instant::now();
     let until = Instant::now() + args.duration;
     let mut last_report = Instant::now();
     let mut last_lag_sample = Instant::now();
@@ -94,6 +95,11 @@ async fn main() -> Result<()> {
     while Instant::now() < until {
         tokio::time::sleep(step).await;
         let now = Instant::now();
+        // Probabilities from the time that really passed: the rates hold under load.
+        let dt = now.duration_since(last_iter).as_secs_f64();
+        last_iter = now;
+        let p_fault = dt / args.fault_every.as_secs_f64().max(0.001);
+        let p_hq_kill = args.hq_kills_per_minute * dt / 60.0;
         // Heal what is due.
         for (i, _) in faulted.iter().filter(|(_, t)| *t <= now) {
             rig.proxies[*i].set(Mode::Pass);
@@ -131,6 +137,7 @@ async fn main() -> Result<()> {
                     listener_down.push((i, now + Duration::from_millis(rng.gen_range(0..2000))));
                 } else {
                     rig.proxies[i].set(mode);
+                    *injected.entry(mode.kind()).or_default() += 1;
                     faulted.push((i, heal));
                 }
             }
@@ -196,6 +203,7 @@ async fn main() -> Result<()> {
         all.insert(k.to_string(), *v);
     }
     let total: u64 = all.values().sum();
+    let total_injected: u64 = injected.values().sum::<u64>() + kills.values().sum::<u64>();
     println!(
         "soak: {} branches, {:?} of writes with faults",
         rig.branches.len(),
@@ -206,7 +214,8 @@ async fn main() -> Result<()> {
         summary.transactions, summary.ops, summary.retries, summary.errors
     );
     println!("  changes applied at HQ: {changes}");
-    println!("  faults injected: {total} {all:?}");
+    println!("  faults injected: {total_injected}: network {injected:?}, kills {kills:?}");
+    println!("  faults that fired (proxy counters + kills): {total} {all:?}");
     println!("  runs interrupted by kill -9 (closed by the next start): {interrupted}");
     println!(
         "  maximum lag (oldest change not yet acknowledged by HQ, sampled every 5 s): {max_lag:.1}s"
