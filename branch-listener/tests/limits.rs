@@ -177,3 +177,52 @@ async fn tokens_are_never_logged_or_shown() -> Result<()> {
     assert!(hq_log.contains("token rejected"), "{hq_log}");
     Ok(())
 }
+
+/// Rotation without a restart: a token added to the listener's token file is accepted
+/// within seconds, and the old one is refused once removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_rotation_needs_no_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut b = branch(dir.path(), "").await?;
+    let file = dir.path().join("b01").join("token");
+    let old = b.token().to_string();
+    let new = "rotated-token-9a8b7c6d5e4f";
+    let client = reqwest::Client::new();
+    let status = |token: String| {
+        let client = client.clone();
+        let url = format!("{}/v1/status", b.url());
+        async move {
+            Ok::<u16, anyhow::Error>(
+                client
+                    .get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await?
+                    .status()
+                    .as_u16(),
+            )
+        }
+    };
+    assert_eq!(status(new.into()).await?, 401);
+    std::fs::write(&file, format!("{old}\n{new}\n"))?;
+    wait_for(
+        "the new token to be accepted",
+        Duration::from_secs(20),
+        || async { Ok((status(new.into()).await? == 200).then_some(())) },
+    )
+    .await?;
+    assert_eq!(
+        status(old.clone()).await?,
+        200,
+        "both tokens during the switch"
+    );
+    std::fs::write(&file, format!("{new}\n"))?;
+    wait_for(
+        "the old token to be refused",
+        Duration::from_secs(20),
+        || async { Ok((status(old.clone()).await? == 401).then_some(())) },
+    )
+    .await?;
+    assert_eq!(status(new.into()).await?, 200);
+    b.stop().await
+}
