@@ -61,7 +61,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/snapshot", get(crate::snapshot::page))
         .route("/v1/checksums", get(crate::snapshot::checksums))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .merge(protected)
         .layer(middleware::from_fn_with_state(timeout, time_limit))
@@ -74,8 +74,8 @@ pub fn app(state: AppState) -> Router {
                 .zstd(true)
                 .quality(CompressionLevel::Fastest),
         )
-        .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
-        .with_state(state)
+        .layer(RequestBodyLimitLayer::new(BODY_LIMIT));
+    crate::limits::wrap(router, &state.config).with_state(state)
 }
 
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -397,6 +397,11 @@ mod tests {
             files_rescan_interval: Duration::from_secs(300),
             files_settle: Duration::from_secs(2),
             files_ignore: crate::config::default_files_ignore(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            rate_limit_per_second: 0,
+            rate_limit_burst: 1,
+            max_concurrent_requests: 64,
         }
     }
 

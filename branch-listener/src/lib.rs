@@ -13,6 +13,7 @@
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`serve`]: `run(config, listener, shutdown)`.
 //! - [`error`]: the crate's error type and its HTTP mapping.
+//! - [`tls`]: HTTPS (rustls) from PEM files; [`limits`]: rate, concurrency and header limits.
 
 pub mod config;
 pub mod db;
@@ -20,12 +21,14 @@ pub mod error;
 pub mod files;
 pub mod http;
 pub mod install;
+pub mod limits;
 pub mod metrics;
 pub mod prune;
 pub mod pull_area;
 pub mod serve;
 pub mod snapshot;
 pub mod ticker;
+pub mod tls;
 pub mod wake;
 
 pub use config::Config;

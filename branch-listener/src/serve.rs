@@ -5,6 +5,8 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::http::{app, AppState};
+use crate::limits::ClientAddr;
+use crate::tls::TlsListener;
 use crate::wake::Wake;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -65,10 +67,24 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .map_err(|e| Error::Io(e.to_string()))?;
     tracing::info!(%addr, "listening");
     let token = shutdown.clone();
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await
-        .map_err(|e| Error::Io(format!("http server: {e}")))?;
+    let service = app(state).into_make_service_with_connect_info::<ClientAddr>();
+    let served = match cfg.tls()? {
+        Some(tls) => {
+            tracing::info!(%addr, "serving HTTPS");
+            let listener = TlsListener::new(listener, tls, shutdown.clone())
+                .map_err(|e| Error::Io(e.to_string()))?;
+            axum::serve(listener, service)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
+        }
+        None => {
+            tracing::warn!(location = %cfg.location, %addr, "serving plain HTTP: tls_cert_file and tls_key_file are not set; the token and the data travel unencrypted");
+            axum::serve(listener, service)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
+        }
+    };
+    served.map_err(|e| Error::Io(format!("http server: {e}")))?;
     shutdown.cancel();
     for t in tasks {
         let _ = t.await;

@@ -9,9 +9,6 @@ use schemas::wire::{
 use schemas::Cursor;
 use std::time::Duration;
 
-/// Largest response body accepted (decompressed), against a hostile or broken listener.
-pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
-
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -23,6 +20,8 @@ pub struct Client {
     /// The first token of the location's token file is sent (redacted in `Debug`).
     tokens: schemas::secret::Tokens,
     request_timeout: Duration,
+    /// Largest response body accepted (decompressed): `max_response_bytes`.
+    max_body_bytes: u64,
 }
 
 /// A fetched batch and its size on the wire (decompressed).
@@ -34,7 +33,9 @@ pub struct Fetched {
 
 impl Client {
     pub fn new(loc: &Location) -> Result<Client> {
-        let http = reqwest::Client::builder()
+        let http = loc
+            .transport
+            .configure(reqwest::Client::builder())
             .gzip(true)
             .zstd(true)
             .connect_timeout(loc.connect_timeout)
@@ -60,6 +61,7 @@ impl Client {
             base,
             tokens: loc.tokens.clone(),
             request_timeout: loc.request_timeout,
+            max_body_bytes: loc.transport.max_response_bytes,
         })
     }
 
@@ -107,13 +109,14 @@ impl Client {
             .await
             .map_err(|e| Error::transient(describe(&e)))?;
         let status = resp.status();
+        let max = self.max_body_bytes;
         let too_big = |n: u64| {
             Error::permanent(format!(
-                "listener response of {n} bytes or more exceeds the limit of {MAX_BODY_BYTES} bytes"
+                "listener response of {n} bytes or more exceeds max_response_bytes = {max}"
             ))
         };
         if let Some(len) = resp.content_length() {
-            if len > MAX_BODY_BYTES as u64 {
+            if len > max {
                 return Err(too_big(len));
             }
         }
@@ -124,7 +127,7 @@ impl Client {
             .await
             .map_err(|e| Error::transient(describe(&e)))?
         {
-            if body.len() + chunk.len() > MAX_BODY_BYTES {
+            if (body.len() + chunk.len()) as u64 > max {
                 return Err(too_big((body.len() + chunk.len()) as u64));
             }
             body.extend_from_slice(&chunk);
@@ -243,7 +246,12 @@ pub fn describe(e: &reqwest::Error) -> String {
     while let Some(s) = root.source() {
         root = s;
     }
-    format!("{what}{at}: {root}")
+    let hint = if root.to_string().contains("certificate") {
+        " (TLS: check the location's ca_file and the listener's tls_cert_file)"
+    } else {
+        ""
+    };
+    format!("{what}{at}: {root}{hint}")
 }
 
 /// Maps an HTTP error status (and the listener's error body, when it has one) to a kind.
@@ -274,6 +282,7 @@ pub fn http_error(status: reqwest::StatusCode, body: &[u8]) -> Error {
         410 => Error::resync(format!(
             "our cursor points into pruned history at the branch: {message}"
         )),
+        429 => Error::transient(format!("listener rate-limited us (HTTP 429): {message}")),
         400..=499 => Error::permanent(format!(
             "listener refused the request (HTTP {s} {code}): {message}"
         )),
@@ -317,5 +326,9 @@ mod tests {
             http_error(StatusCode::BAD_REQUEST, &body("bad_request")).kind(),
             ErrorKind::Permanent
         );
+        // A rate limit is a reason to come back later, not to pause.
+        let e = http_error(StatusCode::TOO_MANY_REQUESTS, &body("rate_limited"));
+        assert_eq!(e.kind(), ErrorKind::Transient);
+        assert!(e.to_string().contains("rate-limited"));
     }
 }

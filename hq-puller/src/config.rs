@@ -54,6 +54,16 @@ pub struct Config {
     /// Rows per snapshot page of initial loads and resyncs.
     #[serde(default = "default_snapshot_page_rows")]
     pub snapshot_page_rows: u32,
+    /// PEM file of the private CA(s) that signed the listeners' certificates; when set,
+    /// only these CAs are trusted (not the public web roots). Per location: `ca_file`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Allows `http://` listener URLs (token and data unencrypted; warned at start).
+    #[serde(default)]
+    pub allow_plain_http: bool,
+    /// Largest listener response accepted (bytes, decompressed).
+    #[serde(default = "crate::transport::default_max_response_bytes")]
+    pub max_response_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -100,6 +110,12 @@ pub struct LocationConfig {
     /// Resync automatically (snapshot reload) when the branch needs it.
     #[serde(default)]
     pub auto_resync: bool,
+    /// Overrides the global `ca_file` for this location.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Overrides the global `allow_plain_http` for this location.
+    #[serde(default)]
+    pub allow_plain_http: Option<bool>,
 }
 
 fn default_schedule() -> String {
@@ -145,6 +161,8 @@ pub struct Location {
     pub file_delete: crate::files::FileDelete,
     /// `needs_resync` triggers a resync at once instead of waiting for an operator.
     pub auto_resync: bool,
+    /// TLS trust, plain-HTTP permission, response size cap (see [`crate::transport`]).
+    pub transport: crate::transport::Transport,
 }
 
 /// A validated configuration.
@@ -302,11 +320,20 @@ impl Config {
                     None
                 }
             };
+            let transport = match crate::transport::Transport::resolve(self, l, url.as_ref()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    problems.push(format!("{at}: {e}"));
+                    None
+                }
+            };
             let batch_limit = l.batch_limit.unwrap_or(self.batch_limit);
             if batch_limit == 0 {
                 problems.push(format!("{at}: batch_limit: must be at least 1"));
             }
-            if let (Some(url), Some(cron), Some(tokens)) = (url, cron, tokens) {
+            if let (Some(url), Some(cron), Some(tokens), Some(transport)) =
+                (url, cron, tokens, transport)
+            {
                 locations.push(Location {
                     id: l.id.clone(),
                     name: l.name.clone(),
@@ -321,8 +348,12 @@ impl Config {
                     connect_timeout: l.connect_timeout.unwrap_or(self.connect_timeout),
                     file_delete: l.file_delete.unwrap_or(self.file_delete),
                     auto_resync: l.auto_resync,
+                    transport,
                 });
             }
+        }
+        if self.max_response_bytes < 1024 {
+            problems.push("max_response_bytes: must be at least 1024".into());
         }
         if !problems.is_empty() {
             return Err(Error::Config(problems.join("\n")));

@@ -16,6 +16,7 @@
 //! - [`verify`]: `verify`: chunk checksums against the branch, drilled to differing keys.
 //! - [`progress`]: progress bars (terminal) or periodic log lines.
 //! - [`error`]: the error type and its kinds (transient / permanent / needs resync).
+//! - [`transport`]: per-location TLS trust (`ca_file`), `allow_plain_http`, response size cap.
 
 pub mod apply;
 pub mod client;
@@ -29,6 +30,7 @@ pub mod pull;
 pub mod schedule;
 pub mod status;
 pub mod store;
+pub mod transport;
 pub mod validate;
 pub mod verify;
 
@@ -151,6 +153,7 @@ pub async fn pull_once(app: &Arc<App>, locations: &[String]) -> Result<Vec<pull:
 /// `hq-puller run`: the service. Returns after `shutdown` once in-flight batches have
 /// committed or rolled back.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
+    transport::warn_plain_http(&settings);
     let app = App::connect(settings, shutdown.clone()).await?;
     check_migrated(&app).await?;
     store::register_locations(&app.pool, &app.settings.locations).await?;

@@ -171,6 +171,7 @@ async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, 
                 }
                 vec![id]
             };
+            hq_puller::transport::warn_plain_http(&settings);
             let app = App::connect(settings, shutdown).await?;
             hq_puller::check_migrated(&app).await?;
             let reports = hq_puller::pull_once(&app, &targets).await?;

@@ -124,6 +124,8 @@ pub mod error_code {
     pub const UNAVAILABLE: &str = "unavailable";
     /// 500: anything else.
     pub const INTERNAL: &str = "internal";
+    /// 429: the client exceeded the listener's request rate (retry after `Retry-After`).
+    pub const RATE_LIMITED: &str = "rate_limited";
 }
 
 /// The oldest open transaction at the branch that has written changes not yet servable

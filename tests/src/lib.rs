@@ -6,6 +6,8 @@
 //! - [`workload`]: the product-management workload (`pm-sim seed` / `pm-sim run`).
 //! - [`compare`]: the oracle: one location at HQ against its branch database.
 //! - [`process`]: spawning, waiting for, signalling and restarting real processes.
+//! - [`proxy`]: a TCP fault proxy (refuse, reset, stall, truncate, throttle, flap).
+//! - [`rig`]: a fault-test installation (branches behind proxies, HQ, workload).
 //! - [`fleet`]: branches (database + `branch-listener`) and HQ (`hq-puller`) as test objects.
 
 pub mod bench;
@@ -14,4 +16,6 @@ pub mod db;
 pub mod fleet;
 pub mod pg;
 pub mod process;
+pub mod proxy;
+pub mod rig;
 pub mod workload;

@@ -143,7 +143,7 @@ async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
     let mut listeners = Vec::new();
     let mut hq = format!(
         "database_url = \"{hq_url}\"\nschedule = \"0 0 0 1 1 *\"\nmax_concurrent_pulls = {}\n\
-         files_dir = \"{}\"\nbatch_limit = {}\nrun_budget = \"1h\"\n",
+         files_dir = \"{}\"\nbatch_limit = {}\nrun_budget = \"1h\"\nallow_plain_http = true\n",
         args.max_concurrent,
         dir.path().join("hq-files").display(),
         args.batch_limit
@@ -162,7 +162,7 @@ async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
             &cfg,
             format!(
                 "location = \"{loc}\"\ndatabase_url = \"sqlite://{}\"\nlisten = \"127.0.0.1:{port}\"\n\
-                 token_file = \"{}\"\nretention = \"24h\"\n",
+                 token_file = \"{}\"\nretention = \"24h\"\nrate_limit_per_second = 0\n",
                 db.display(),
                 tok.display()
             ),

@@ -98,7 +98,7 @@ async fn main() -> Result<()> {
         &cfg,
         format!(
             "location = \"b01\"\ndatabase_url = \"sqlite://{}\"\nlisten = \"127.0.0.1:{port}\"\n\
-             token_file = \"{}\"\nmax_limit = 50000\n",
+             token_file = \"{}\"\nmax_limit = 50000\nrate_limit_per_second = 0\n",
             db.display(),
             tok.display()
         ),
