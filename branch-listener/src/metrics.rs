@@ -12,6 +12,25 @@ pub const SERVED_CHANGES_TOTAL: &str = "branch_listener_served_changes_total";
 pub const REQUESTS_TOTAL: &str = "branch_listener_requests_total";
 pub const PRUNED_CHANGES_TOTAL: &str = "branch_listener_pruned_changes_total";
 pub const TICKS_TOTAL: &str = "branch_listener_ticks_total";
+/// PostgreSQL branches: age of the oldest transaction that wrote to the pull area and is
+/// still open (it holds the tick horizon back); 0 when none (always 0 on SQLite).
+pub const OLDEST_OPEN_WRITER_AGE_SECONDS: &str = "branch_listener_oldest_open_writer_age_seconds";
+/// 1 when the last scrape could read the pull area, 0 when the database was unavailable.
+pub const DATABASE_UP: &str = "branch_listener_database_up";
+
+/// Every metric name this binary emits (docs/metrics.md documents each).
+pub const ALL: &[&str] = &[
+    PULL_AREA_DEPTH,
+    UNACKED_CHANGES,
+    OLDEST_UNACKED_AGE_SECONDS,
+    HEAD_SEQ,
+    SERVED_CHANGES_TOTAL,
+    REQUESTS_TOTAL,
+    PRUNED_CHANGES_TOTAL,
+    TICKS_TOTAL,
+    OLDEST_OPEN_WRITER_AGE_SECONDS,
+    DATABASE_UP,
+];
 
 /// Installs the process-wide recorder once (tests start several servers in one process).
 pub fn handle() -> PrometheusHandle {
@@ -32,6 +51,15 @@ pub fn handle() -> PrometheusHandle {
             metrics::describe_counter!(REQUESTS_TOTAL, "HTTP requests by endpoint and status");
             metrics::describe_counter!(PRUNED_CHANGES_TOTAL, "Acknowledged changes pruned");
             metrics::describe_counter!(TICKS_TOTAL, "Ticks made");
+            metrics::describe_gauge!(
+                OLDEST_OPEN_WRITER_AGE_SECONDS,
+                "Age of the oldest open transaction holding the tick horizon back (PostgreSQL)"
+            );
+            metrics::describe_gauge!(DATABASE_UP, "1 when the pull area could be read");
+            // Counters exist from the start (0), so rates and alerts work before traffic.
+            metrics::counter!(SERVED_CHANGES_TOTAL).increment(0);
+            metrics::counter!(PRUNED_CHANGES_TOTAL).increment(0);
+            metrics::counter!(TICKS_TOTAL).increment(0);
             h
         })
         .clone()

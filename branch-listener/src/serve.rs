@@ -57,9 +57,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .local_addr()
         .map_err(|e| Error::Io(e.to_string()))?;
     tracing::info!(%addr, "listening");
+    schemas::systemd::notify_ready();
     let token = shutdown.clone();
     axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move { token.cancelled().await })
+        .with_graceful_shutdown(async move {
+            token.cancelled().await;
+            schemas::systemd::notify_stopping();
+        })
         .await
         .map_err(|e| Error::Io(format!("http server: {e}")))?;
     shutdown.cancel();

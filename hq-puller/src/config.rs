@@ -48,6 +48,12 @@ pub struct Config {
     pub log_format: LogFormat,
     #[serde(default)]
     pub locations: Vec<LocationConfig>,
+    /// Serves the read-only dashboard and `/api/status` when set (loopback only unless
+    /// `admin_allow_remote`).
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub admin_allow_remote: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -141,6 +147,7 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub locations: Vec<Location>,
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -298,6 +305,10 @@ impl Config {
                 });
             }
         }
+        problems.extend(crate::dashboard::check_listen(
+            self.admin_listen,
+            self.admin_allow_remote,
+        ));
         if !problems.is_empty() {
             return Err(Error::Config(problems.join("\n")));
         }
@@ -310,6 +321,7 @@ impl Config {
             metrics_listen: self.metrics_listen,
             log_format: self.log_format,
             locations,
+            admin_listen: self.admin_listen,
         })
     }
 }

@@ -83,6 +83,7 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
                 if o == outcome::OK && totals.batches == 0 {
                     // A caught-up run also clears a `failing` state.
                     store::clear_failing(&app.pool, &loc.id).await?;
+                    m::caught_up(&loc.id);
                 }
                 m::set_state(&loc.id, state::OK);
                 (o, None)
@@ -116,6 +117,7 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
             err.as_ref().map(|(m, _)| m.as_str()),
         )
         .await?;
+        crate::dashboard::samples::record(&app.pool, &loc.id).await?;
         Ok(RunReport {
             location: loc.id.clone(),
             run_id: Some(run_id),
@@ -182,6 +184,8 @@ async fn step(
         return Ok(Step::CaughtUp);
     }
     let after_tick = pos.cursor.map(|c| c.tick).unwrap_or(0);
+    // Every line about this batch carries its range (inside the run's span).
+    let span = tracing::info_span!("batch", from = after_tick, to = resp.next.tick, changes = n);
     let t1 = Instant::now();
     // The apply is not raced against shutdown: an in-flight batch commits or rolls back.
     let applied = apply_batch(
@@ -192,7 +196,9 @@ async fn step(
         resp,
         &checked,
     )
+    .instrument(span.clone())
     .await?;
+    let _batch = span.enter();
     metrics::histogram!(m::APPLY_DURATION, "location" => loc.id.clone())
         .record(t1.elapsed().as_secs_f64());
     let Applied::Committed { rows } = applied else {

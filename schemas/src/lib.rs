@@ -10,12 +10,14 @@
 //! - [`secret`]: bearer tokens read from files with permission checks, compared in
 //!   constant time, never printed.
 //! - [`telemetry`]: tracing set-up shared by both binaries.
+//! - [`systemd`]: `READY=1` / `STOPPING=1` notifications (`Type=notify`).
 
 pub mod catalogue;
 pub mod cursor;
 pub mod migrations;
 pub mod secret;
 pub mod sql;
+pub mod systemd;
 pub mod telemetry;
 pub mod wire;
 
