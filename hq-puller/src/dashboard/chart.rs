@@ -67,9 +67,14 @@ pub fn lag_chart(points: &[Point], from: DateTime<Utc>, to: DateTime<Utc>) -> St
     for i in 0..=4 {
         let y = top + plot_h * f64::from(i) / 4.0;
         let label = max * f64::from(4 - i) / 4.0;
+        let label = if max < 10.0 {
+            format!("{label:.2}")
+        } else {
+            format!("{label:.0}")
+        };
         let _ = write!(
             s,
-            r##"<line x1="{left}" y1="{y:.1}" x2="{x2}" y2="{y:.1}" stroke="#dddddd"/><text x="{tx}" y="{ty:.1}" font-size="11" text-anchor="end" fill="#555555">{label:.0} s</text>"##,
+            r##"<line x1="{left}" y1="{y:.1}" x2="{x2}" y2="{y:.1}" stroke="#dddddd"/><text x="{tx}" y="{ty:.1}" font-size="11" text-anchor="end" fill="#555555">{label} s</text>"##,
             x2 = left + plot_w,
             tx = left - 6.0,
             ty = y + 4.0,
@@ -78,9 +83,14 @@ pub fn lag_chart(points: &[Point], from: DateTime<Utc>, to: DateTime<Utc>) -> St
     for i in 0..=6 {
         let x = left + plot_w * f64::from(i) / 6.0;
         let t = from + (to - from) * i / 6;
+        let anchor = match i {
+            0 => "start",
+            6 => "end",
+            _ => "middle",
+        };
         let _ = write!(
             s,
-            r##"<text x="{x:.1}" y="{y}" font-size="11" text-anchor="middle" fill="#555555">{}</text>"##,
+            r##"<text x="{x:.1}" y="{y}" font-size="11" text-anchor="{anchor}" fill="#555555">{}</text>"##,
             t.format("%H:%M"),
             y = h - 10.0,
         );
@@ -141,7 +151,14 @@ mod tests {
         let to = from + chrono::Duration::seconds(100);
         let p = |s: i64, v: f64| (from + chrono::Duration::seconds(s), v);
         let b = bucket_max(
-            &[p(1, 3.0), p(5, 7.0), p(55, 1.0), p(100, 2.0), p(-1, 99.0), p(101, 99.0)],
+            &[
+                p(1, 3.0),
+                p(5, 7.0),
+                p(55, 1.0),
+                p(100, 2.0),
+                p(-1, 99.0),
+                p(101, 99.0),
+            ],
             from,
             to,
             10,

@@ -64,7 +64,10 @@ pub async fn load(pool: &PgPool, settings: &Settings, window_hours: u32) -> Resu
     .await?;
     let mut by_location: HashMap<String, Vec<RunView>> = HashMap::new();
     for r in runs {
-        by_location.entry(r.location_id.clone()).or_default().push(r);
+        by_location
+            .entry(r.location_id.clone())
+            .or_default()
+            .push(r);
     }
     let locations = statuses
         .into_iter()

@@ -115,7 +115,13 @@ pub fn page(snap: &Snapshot) -> String {
          <th>last error</th><th>recent runs</th><th>lag history</th></tr></thead><tbody>",
     );
     for l in &snap.locations {
-        row(&mut h, l, per_location.get(l.status.row.id.as_str()), from, now);
+        row(
+            &mut h,
+            l,
+            per_location.get(l.status.row.id.as_str()),
+            from,
+            now,
+        );
     }
     h.push_str("</tbody></table></body></html>\n");
     h
@@ -228,7 +234,10 @@ mod tests {
 
     #[test]
     fn escapes_names_and_errors() {
-        assert_eq!(esc(r#"<a href="x">&'"#), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            esc(r#"<a href="x">&'"#),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
         let snap = Snapshot {
             generated_at: Utc::now(),
             locations: vec![location(

@@ -110,7 +110,10 @@ mod tests {
         assert!(check_listen(Some(lo), false).is_none());
         assert!(check_listen(Some(lo6), false).is_none());
         let e = check_listen(Some(any), false).unwrap();
-        assert!(e.contains("admin_listen") && e.contains("admin_allow_remote"), "{e}");
+        assert!(
+            e.contains("admin_listen") && e.contains("admin_allow_remote"),
+            "{e}"
+        );
         assert!(check_listen(Some(any), true).is_none());
     }
 
