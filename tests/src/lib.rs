@@ -6,11 +6,13 @@
 //! - [`workload`]: the product-management workload (`pm-sim seed` / `pm-sim run`).
 //! - [`compare`]: the oracle: one location at HQ against its branch database.
 //! - [`process`]: spawning, waiting for, signalling and restarting real processes.
+//! - [`docs`]: the public interface derived from the code, checked against the docs.
 //! - [`fleet`]: branches (database + `branch-listener`) and HQ (`hq-puller`) as test objects.
 
 pub mod bench;
 pub mod compare;
 pub mod db;
+pub mod docs;
 pub mod fleet;
 pub mod pg;
 pub mod process;

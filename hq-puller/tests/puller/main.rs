@@ -1,6 +1,7 @@
 //! Integration tests of hq-puller against a real PostgreSQL (tests::pg) and fake
 //! listeners (fake.rs).
 
+mod docs_coverage;
 mod fake;
 
 use fake::{ch, Behaviour, Branch, Fake, TOKEN};
