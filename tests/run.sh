@@ -69,5 +69,7 @@ step "cargo build --workspace --bins"
 cargo build --workspace --bins || fail "build"
 step "cargo test --workspace"
 cargo test --workspace || fail "tests"
+step "tests/install-guide.sh (deploy/INSTALL.md, step by step, in a temporary root)"
+"$root/tests/install-guide.sh" || fail "install guide"
 
 printf '\nOK: fmt, clippy, build and all tests passed in %ss\n' $(( $(date +%s) - started ))
