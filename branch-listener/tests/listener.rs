@@ -1218,6 +1218,24 @@ async fn long_open_transaction_does_not_stall_others() -> Result<()> {
         st.oldest_open_writer.is_some(),
         "A is reported as an open writer: {body}"
     );
+    // ... and as the horizon held back in /metrics (polled: the gauge is process-wide and
+    // other tests' scrapes may set it meanwhile).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = server.get("/metrics", Some(TOKEN)).await?;
+        let age = text
+            .lines()
+            .find_map(|l| l.strip_prefix("branch_listener_oldest_open_writer_age_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if age.is_some_and(|a| a > 0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "oldest_open_writer_age_seconds stays {age:?} while A is open:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     a.commit().await?;
     // A committed after the tick that served B: it arrives in the next window, not lost.
     let r2 = server.changes(Some(&r1.next), 100, 0).await?;
