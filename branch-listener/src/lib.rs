@@ -18,6 +18,7 @@ pub mod error;
 pub mod http;
 pub mod install;
 pub mod metrics;
+pub mod preflight;
 pub mod prune;
 pub mod pull_area;
 pub mod serve;

@@ -1612,3 +1612,64 @@ async fn cancelled_requests_leave_no_transaction_open() -> Result<()> {
     assert_eq!(served, 300, "every committed change is served once");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------
+// check-config's database check.
+
+#[tokio::test]
+async fn check_config_reports_the_database() -> Result<()> {
+    use branch_listener::preflight::{database, DatabaseState};
+    let b = branch(Backend::Sqlite).await?;
+    assert_eq!(database(&b.config).await?, DatabaseState::NotInstalled);
+    install::install(&b.db, &Catalogue::product_management(), true).await?;
+    let meta = b.db.meta().await?;
+    assert_eq!(
+        database(&b.config).await?,
+        DatabaseState::Installed {
+            instance_id: meta.instance_id
+        }
+    );
+    // A SQLite file that does not exist is not created by the check.
+    let mut gone = b.config.clone();
+    let missing = b.dir.path().join("nowhere").join("pm.db");
+    gone.database_url = format!("sqlite://{}", missing.display());
+    let st = database(&gone).await?;
+    assert!(!st.reachable(), "{st:?}");
+    assert!(
+        st.line().starts_with("database: NOT reachable"),
+        "{}",
+        st.line()
+    );
+    assert!(!missing.exists());
+
+    // The command: reported, exit 0; with --require-database, exit 1.
+    let path = b.dir.path().join("gone.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "location = \"b01\"\ndatabase_url = {:?}\ntoken_file = {:?}\n",
+            gone.database_url,
+            b.config.token_file.display().to_string()
+        ),
+    )?;
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_branch-listener"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .args(extra)
+            .env_remove("BRANCH_LISTENER_CONFIG")
+            .output()
+    };
+    let out = run(&[])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("database: NOT reachable"), "{stdout}");
+    let out = run(&["--require-database"])?;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -20,6 +20,7 @@ pub mod config;
 pub mod dashboard;
 pub mod error;
 pub mod metrics;
+pub mod preflight;
 pub mod pull;
 pub mod schedule;
 pub mod status;

@@ -1138,3 +1138,54 @@ async fn status_json_lists_every_location() {
     assert!(out.status.success());
     assert_eq!(loc_row(hq.pool(), "s_bad").await.0, "ok");
 }
+
+#[tokio::test]
+async fn check_config_reports_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path(), "t", 0o600);
+    let url = tests::pg::fresh_database("hq_check").await.unwrap();
+    let write = |db: &str| {
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "database_url = {db:?}\n[[locations]]\nid = \"b01\"\nurl = \"http://127.0.0.1:7070\"\ntoken_file = {:?}\n",
+                token.display().to_string()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let run = |p: &Path, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hq-puller"))
+            .args(args)
+            .arg("--config")
+            .arg(p)
+            .env_remove("HQ_PULLER_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let good = write(&url);
+    let (code, out) = run(&good, &["check-config", "--require-database"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("database: reachable,") && out.contains("migrations pending"),
+        "{out}"
+    );
+    let (code, out) = run(&good, &["migrate"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = run(&good, &["check-config"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("database: reachable, migrated"), "{out}");
+    // Nothing listens on port 1: reported, and an error only when required.
+    let bad = write("postgres://hq@127.0.0.1:1/hq");
+    let (code, out) = run(&bad, &["check-config"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("database: NOT reachable"), "{out}");
+    let (code, _) = run(&bad, &["check-config", "--require-database"]);
+    assert_eq!(code, 1);
+}
