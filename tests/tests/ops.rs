@@ -479,6 +479,15 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
         "no JSON failure line of b02 inside its run span"
     );
 
+    // Lag history the chart must show: b05 fell 300 s behind an hour ago and recovered.
+    sqlx::query(
+        "INSERT INTO sync.lag_samples (location_id, at, lag_seconds, backlog, state) \
+         SELECT 'b05', now() - make_interval(mins => m), 300 - abs(m - 60) * 5, 0, 'ok' \
+         FROM generate_series(1, 119) m",
+    )
+    .execute(&pool)
+    .await?;
+
     // The dashboard in headless Chromium.
     if let Some(chrome) = chrome {
         let profile = dir.path().join("chromium-profile");
@@ -494,7 +503,15 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
                 "{id} missing in the DOM"
             );
         }
-        ensure!(dom.contains("id=\"lag-chart\""), "no lag chart in the DOM");
+        let chart = dom
+            .split("id=\"lag-chart\"")
+            .nth(1)
+            .and_then(|c| c.split("</svg>").next())
+            .context("no lag chart in the DOM")?;
+        ensure!(
+            chart.contains("<polyline") && chart.contains(">500 s<"),
+            "the lag chart does not show b05's 300 s peak (axis up to 500 s): {chart}"
+        );
         ensure!(
             dom.contains("Zürich &lt;Hbf&gt; &amp; \"Süd\"") && !dom.contains("<hbf>"),
             "the location name was not escaped as text"

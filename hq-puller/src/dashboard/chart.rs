@@ -108,7 +108,9 @@ pub fn lag_chart(points: &[Point], from: DateTime<Utc>, to: DateTime<Utc>) -> St
             s,
             r##"<polyline fill="none" stroke="#1f6feb" stroke-width="2" points="{pts}"/>"##
         );
-        for p in pts.split(' ') {
+        // Dots only where they stay readable (few points, e.g. right after installing).
+        let dots = pts.split(' ').count() <= 40;
+        for p in pts.split(' ').filter(|_| dots) {
             if let Some((x, y)) = p.split_once(',') {
                 let _ = write!(s, r##"<circle cx="{x}" cy="{y}" r="2.5" fill="#1f6feb"/>"##);
             }

@@ -76,8 +76,9 @@ pub async fn load(pool: &PgPool, settings: &Settings, window_hours: u32) -> Resu
             status,
         })
         .collect();
-    let samples =
-        samples::since(pool, now - chrono::Duration::hours(i64::from(window_hours))).await?;
+    // 360 slices per window: finer than the charts draw.
+    let window = chrono::Duration::hours(i64::from(window_hours));
+    let samples = samples::since(pool, now - window, window.num_seconds() as f64 / 360.0).await?;
     Ok(Snapshot {
         generated_at: now,
         locations,

@@ -36,12 +36,20 @@ pub struct Sample {
     pub lag_seconds: f64,
 }
 
-/// Samples of every location newer than `since`, oldest first.
-pub async fn since(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<Sample>> {
+/// Per location, the largest lag in each `bucket_seconds` slice of time since `since`
+/// (oldest first): the page's size stays bounded however often runs end.
+pub async fn since(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+    bucket_seconds: f64,
+) -> Result<Vec<Sample>> {
     Ok(sqlx::query_as(
-        "SELECT location_id, at, lag_seconds FROM sync.lag_samples WHERE at >= $1 ORDER BY at",
+        "SELECT location_id, to_timestamp(floor(extract(epoch FROM at) / $2) * $2) AS at, \
+           max(lag_seconds) AS lag_seconds \
+         FROM sync.lag_samples WHERE at >= $1 GROUP BY 1, 2 ORDER BY 2",
     )
     .bind(since)
+    .bind(bucket_seconds.max(1.0))
     .fetch_all(pool)
     .await?)
 }

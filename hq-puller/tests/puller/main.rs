@@ -789,6 +789,13 @@ fn check_config_names_each_problem() {
             "unreadable: Is a directory",
         ),
         (format!("{head}{}", loc("b01", "", &open)), "chmod 600"),
+        (
+            format!(
+                "{head}admin_listen = \"0.0.0.0:9465\"\n{}",
+                loc("b01", "", &good)
+            ),
+            "admin_allow_remote = true",
+        ),
         (format!("{head}{}", loc("B 01", "", &good)), "id must match"),
         (
             format!("{head}{}", loc("b01", "", &good)).replace("http://127.0.0.1:7070", "ftp://x"),
