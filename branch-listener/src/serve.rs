@@ -58,6 +58,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .map_err(|e| Error::Io(e.to_string()))?;
     tracing::info!(%addr, "listening");
     schemas::systemd::notify_ready();
+    schemas::systemd::spawn_watchdog();
     let token = shutdown.clone();
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {

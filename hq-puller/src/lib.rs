@@ -182,6 +182,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     }
     let sched = schedule::Scheduler::start(app.clone()).await?;
     schemas::systemd::notify_ready();
+    schemas::systemd::spawn_watchdog();
     tracing::info!(
         locations = app.settings.locations.iter().filter(|l| l.enabled).count(),
         "hq-puller running"

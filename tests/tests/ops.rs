@@ -181,11 +181,16 @@ async fn listener_notifies_systemd_and_serves_every_documented_metric() -> Resul
         &[
             ("NOTIFY_SOCKET", env.as_str()),
             ("BRANCH_LOG_FORMAT", "json"),
+            // systemd's WatchdogSec (WATCHDOG_PID unset: this process is meant).
+            ("WATCHDOG_USEC", "400000"),
         ],
         &b.log,
     )?;
     notify
         .expect("READY=1", Duration::from_secs(30), &b.log)
+        .await?;
+    notify
+        .expect("WATCHDOG=1", Duration::from_secs(10), &b.log)
         .await?;
     // READY=1 comes after the port is bound: the first request succeeds at once.
     let client = reqwest::Client::new();
