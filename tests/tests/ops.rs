@@ -493,6 +493,23 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
     .execute(&pool)
     .await?;
 
+    // The page forbids scripts and anything loaded from elsewhere.
+    let page = client.get(format!("{admin}/")).send().await?;
+    let csp = page
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    ensure!(
+        csp.contains("default-src 'none'"),
+        "dashboard CSP header: {csp:?}"
+    );
+    ensure!(
+        !page.text().await?.contains("<script"),
+        "the page has a script"
+    );
+
     // The dashboard in headless Chromium.
     if let Some(chrome) = chrome {
         let profile = dir.path().join("chromium-profile");

@@ -28,6 +28,10 @@ use tokio_util::sync::CancellationToken;
 pub const DEFAULT_HOURS: u32 = 6;
 pub const MAX_HOURS: u32 = samples::RETENTION_HOURS as u32;
 
+/// The page needs nothing but its own inline styles.
+pub const CSP: &str =
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'";
+
 /// Validation of `admin_listen`: a non-loopback address needs `admin_allow_remote`.
 pub fn check_listen(addr: Option<SocketAddr>, allow_remote: bool) -> Option<String> {
     match addr {
@@ -82,6 +86,9 @@ async fn index(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, Stri
             [
                 (header::CONTENT_TYPE, "text/html; charset=utf-8"),
                 (header::CACHE_CONTROL, "no-store"),
+                // Defence in depth beside the escaping: no script, nothing from elsewhere.
+                (header::CONTENT_SECURITY_POLICY, CSP),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             ],
             html::page(&snap),
         )
