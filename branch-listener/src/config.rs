@@ -59,6 +59,27 @@ pub struct Config {
     pub max_wait: Duration,
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// Full rescan of `files_dir` this often (beside filesystem notifications).
+    #[serde(default = "default_files_rescan_interval", with = "humantime_serde")]
+    pub files_rescan_interval: Duration,
+    /// A file not renamed into place is indexed once its size and mtime were stable
+    /// this long.
+    #[serde(default = "default_files_settle", with = "humantime_serde")]
+    pub files_settle: Duration,
+    /// Glob patterns (matched against each path component) of files never indexed.
+    #[serde(default = "default_files_ignore")]
+    pub files_ignore: Vec<String>,
+}
+
+fn default_files_rescan_interval() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_files_settle() -> Duration {
+    Duration::from_secs(2)
+}
+/// Hidden files, temporary and partial downloads, editor backups.
+pub fn default_files_ignore() -> Vec<String> {
+    [".*", "*.tmp", "*.part", "*~"].map(String::from).to_vec()
 }
 
 fn default_listen() -> String {
@@ -197,6 +218,15 @@ impl Config {
                 format!("must be at most {}s", schemas::wire::MAX_WAIT_SECONDS),
             ));
         }
+        if self.files_rescan_interval.is_zero() {
+            return Err(Error::config(
+                "files_rescan_interval",
+                "must be greater than 0",
+            ));
+        }
+        if let Err(e) = crate::files::scan::Ignore::new(&self.files_ignore) {
+            return Err(Error::config("files_ignore", e));
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(Error::config(
                 "log_format",
@@ -294,6 +324,17 @@ mod tests {
         assert_eq!(c.retention, Duration::from_secs(86400));
         assert_eq!(c.max_limit, 50_000);
         assert_eq!(c.backend().unwrap(), Backend::Sqlite);
+        assert_eq!(c.files_rescan_interval, Duration::from_secs(300));
+        assert_eq!(c.files_settle, Duration::from_secs(2));
+        assert_eq!(c.files_ignore, [".*", "*.tmp", "*.part", "*~"]);
+        let c = Config::from_figment(
+            base(d.path())
+                .merge(Serialized::default("files_settle", "500ms"))
+                .merge(Serialized::default("files_ignore", vec!["*.bak"])),
+        )
+        .unwrap();
+        assert_eq!(c.files_settle, Duration::from_millis(500));
+        assert_eq!(c.files_ignore, ["*.bak"]);
     }
 
     #[test]
@@ -317,6 +358,21 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("retention"), "{e}");
+        let e = Config::from_figment(
+            base(d.path()).merge(Serialized::default("files_ignore", vec!["[unclosed"])),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`files_ignore`") && e.contains("[unclosed"),
+            "{e}"
+        );
+        let e = Config::from_figment(
+            base(d.path()).merge(Serialized::default("files_rescan_interval", "0s")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`files_rescan_interval`"), "{e}");
         let e = Config::from_figment(base(d.path()).merge(Serialized::default("bogus", 1)))
             .unwrap_err()
             .to_string();

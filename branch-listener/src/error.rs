@@ -43,6 +43,9 @@ pub enum Error {
     Database(String),
     #[error("{0}")]
     Io(String),
+    /// `GET /v1/files/SHA256`: no indexed file has that content (any more).
+    #[error("no file with sha256 {0} is indexed at this branch (changed again or deleted: a later event supersedes it)")]
+    FileNotFound(String),
 }
 
 impl Error {
@@ -67,6 +70,7 @@ impl Error {
             Error::InstanceMismatch { .. } => (StatusCode::CONFLICT, error_code::INSTANCE_MISMATCH),
             Error::LineageMismatch(_) => (StatusCode::CONFLICT, error_code::LINEAGE_MISMATCH),
             Error::Pruned(_) => (StatusCode::GONE, error_code::PRUNED),
+            Error::FileNotFound(_) => (StatusCode::NOT_FOUND, error_code::FILE_NOT_FOUND),
             Error::Unavailable(_) | Error::NotInstalled => {
                 (StatusCode::SERVICE_UNAVAILABLE, error_code::UNAVAILABLE)
             }
@@ -185,6 +189,8 @@ mod tests {
         assert_eq!(body(Error::BadRequest("x".into())).await.0, 400);
         assert_eq!(body(Error::Unauthorized).await.0, 401);
         assert_eq!(body(Error::NotInstalled).await.0, 503);
+        let (status, b) = body(Error::FileNotFound("ab".into())).await;
+        assert_eq!((status, b.error.code.as_str()), (404, "file_not_found"));
     }
 
     #[test]

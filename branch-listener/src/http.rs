@@ -55,6 +55,7 @@ pub fn app(state: AppState) -> Router {
     let protected = Router::new()
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
+        .route("/v1/files/{sha256}", get(crate::files::serve::get_file))
         .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -396,6 +397,9 @@ mod tests {
             max_limit: 1000,
             max_wait: Duration::from_secs(30),
             log_format: "text".into(),
+            files_rescan_interval: Duration::from_secs(300),
+            files_settle: Duration::from_secs(2),
+            files_ignore: crate::config::default_files_ignore(),
         }
     }
 

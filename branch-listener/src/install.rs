@@ -105,7 +105,9 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
             let expected: BTreeSet<String> = catalogue
                 .tables
                 .iter()
-                .flat_map(|t| ["ins", "upd", "del"].map(|k| format!("_pull_{}_{k}", t.name)))
+                .map(|t| t.name.as_str())
+                .chain([schemas::files::FILES_TABLE])
+                .flat_map(|t| ["ins", "upd", "del"].map(|k| format!("_pull_{t}_{k}")))
                 .collect();
             let existing = if installed {
                 let pairs: Vec<(String, String)> =
@@ -132,10 +134,13 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                                 .execute(&mut *tx)
                                 .await?;
                         }
-                        for t in &catalogue.tables {
-                            for s in sq::create_triggers(t) {
-                                sqlx::query(&s).execute(&mut *tx).await?;
-                            }
+                        // An older layout may lack tables (the file index).
+                        for s in sq::create_pull_area()
+                            .into_iter()
+                            .chain(catalogue.tables.iter().flat_map(sq::create_triggers))
+                            .chain(sq::create_files_triggers())
+                        {
+                            sqlx::query(&s).execute(&mut *tx).await?;
                         }
                         for (k, v) in [
                             ("pull_area_version", PULL_AREA_VERSION.to_string()),
@@ -186,10 +191,13 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                         .execute(&mut *tx)
                         .await?;
                     }
-                    for t in &catalogue.tables {
-                        for s in sq::create_triggers(t) {
-                            sqlx::query(&s).execute(&mut *tx).await?;
-                        }
+                    for s in catalogue
+                        .tables
+                        .iter()
+                        .flat_map(sq::create_triggers)
+                        .chain(sq::create_files_triggers())
+                    {
+                        sqlx::query(&s).execute(&mut *tx).await?;
                     }
                     Outcome::Created { instance_id }
                 }
@@ -251,6 +259,12 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                 })
                 .chain(catalogue.tables.iter().flat_map(pg::create_capture))
                 .collect();
+            // An older layout may lack tables (the file index): created idempotently.
+            let capture_stmts: Vec<String> = pg::create_pull_area()
+                .into_iter()
+                .chain(capture_stmts)
+                .chain(pg::create_files_capture())
+                .collect();
             let outcome = match existing {
                 Some((instance_id, version, fp)) => {
                     check_version(version)?;
@@ -303,10 +317,13 @@ pub async fn install(db: &Db, catalogue: &Catalogue, with_demo_schema: bool) -> 
                             .execute(&mut *tx)
                             .await?;
                     }
-                    for t in &catalogue.tables {
-                        for s in pg::create_capture(t) {
-                            sqlx::query(&s).execute(&mut *tx).await?;
-                        }
+                    for s in catalogue
+                        .tables
+                        .iter()
+                        .flat_map(pg::create_capture)
+                        .chain(pg::create_files_capture())
+                    {
+                        sqlx::query(&s).execute(&mut *tx).await?;
                     }
                     Outcome::Created { instance_id }
                 }
@@ -342,10 +359,11 @@ pub async fn uninstall(db: &Db) -> Result<bool> {
                 .fetch_all(&mut *tx)
                 .await?;
             let tables: i64 = sqlx::query_scalar(&format!(
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('{}', '{}', '{}')",
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('{}', '{}', '{}', '{}')",
                 sq::CHANGES,
                 sq::TICKS,
-                sq::META
+                sq::META,
+                sq::FILES
             ))
             .fetch_one(&mut *tx)
             .await?;

@@ -7,6 +7,7 @@
 //! - [`ticker`]: the background ticker cutting the change log into windows.
 //! - [`wake`]: change notification for long-polls (LISTEN/NOTIFY, `PRAGMA data_version`).
 //! - [`prune`]: deletion of acknowledged history after the retention.
+//! - [`files`]: the files pull area (scan, index, watcher, `/v1/files/{sha256}`).
 //! - [`http`]: the pull protocol endpoints (`app(state) -> Router`).
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`serve`]: `run(config, listener, shutdown)`.
@@ -15,6 +16,7 @@
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod files;
 pub mod http;
 pub mod install;
 pub mod metrics;

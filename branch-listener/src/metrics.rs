@@ -12,6 +12,10 @@ pub const SERVED_CHANGES_TOTAL: &str = "branch_listener_served_changes_total";
 pub const REQUESTS_TOTAL: &str = "branch_listener_requests_total";
 pub const PRUNED_CHANGES_TOTAL: &str = "branch_listener_pruned_changes_total";
 pub const TICKS_TOTAL: &str = "branch_listener_ticks_total";
+pub const FILES_INDEXED_TOTAL: &str = "branch_listener_files_indexed_total";
+pub const FILES_SKIPPED_TOTAL: &str = "branch_listener_files_skipped_total";
+pub const FILES_SCAN_DURATION_SECONDS: &str = "branch_listener_files_scan_duration_seconds";
+pub const FILES_SERVED_BYTES_TOTAL: &str = "branch_listener_files_served_bytes_total";
 /// PostgreSQL branches: age of the oldest transaction that wrote to the pull area and is
 /// still open (it holds the tick horizon back); 0 when none (always 0 on SQLite).
 pub const OLDEST_OPEN_WRITER_AGE_SECONDS: &str = "branch_listener_oldest_open_writer_age_seconds";
@@ -30,6 +34,10 @@ pub const ALL: &[&str] = &[
     TICKS_TOTAL,
     OLDEST_OPEN_WRITER_AGE_SECONDS,
     DATABASE_UP,
+    FILES_INDEXED_TOTAL,
+    FILES_SKIPPED_TOTAL,
+    FILES_SCAN_DURATION_SECONDS,
+    FILES_SERVED_BYTES_TOTAL,
 ];
 
 /// Installs the process-wide recorder once (tests start several servers in one process).
@@ -51,6 +59,19 @@ pub fn handle() -> PrometheusHandle {
             metrics::describe_counter!(REQUESTS_TOTAL, "HTTP requests by endpoint and status");
             metrics::describe_counter!(PRUNED_CHANGES_TOTAL, "Acknowledged changes pruned");
             metrics::describe_counter!(TICKS_TOTAL, "Ticks made");
+            metrics::describe_counter!(
+                FILES_INDEXED_TOTAL,
+                "File index rows written (op: upsert or delete), each one a file event"
+            );
+            metrics::describe_counter!(
+                FILES_SKIPPED_TOTAL,
+                "Files refused by a scan (reason: symlink_outside, not_utf8, bad_name, unreadable)"
+            );
+            metrics::describe_histogram!(
+                FILES_SCAN_DURATION_SECONDS,
+                "Duration of a scan of files_dir (walk, hash of changed files, index writes)"
+            );
+            metrics::describe_counter!(FILES_SERVED_BYTES_TOTAL, "File content bytes served");
             metrics::describe_gauge!(
                 OLDEST_OPEN_WRITER_AGE_SECONDS,
                 "Age of the oldest open transaction holding the tick horizon back (PostgreSQL)"
@@ -60,6 +81,13 @@ pub fn handle() -> PrometheusHandle {
             metrics::counter!(SERVED_CHANGES_TOTAL).increment(0);
             metrics::counter!(PRUNED_CHANGES_TOTAL).increment(0);
             metrics::counter!(TICKS_TOTAL).increment(0);
+            metrics::counter!(FILES_INDEXED_TOTAL, "op" => "upsert").increment(0);
+            metrics::counter!(FILES_INDEXED_TOTAL, "op" => "delete").increment(0);
+            metrics::counter!(FILES_SERVED_BYTES_TOTAL).increment(0);
+            for reason in ["symlink_outside", "not_utf8", "bad_name", "unreadable"] {
+                metrics::counter!(FILES_SKIPPED_TOTAL, "reason" => reason).increment(0);
+            }
+            let _ = metrics::histogram!(FILES_SCAN_DURATION_SECONDS);
             h
         })
         .clone()

@@ -39,7 +39,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             tracing::warn!(location = %cfg.location, error = %e, "branch database not ready; serving 503 until it is")
         }
     }
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(state.wake.clone().run(db.clone(), shutdown.clone())),
         tokio::spawn(crate::ticker::run(
             db.clone(),
@@ -53,6 +53,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             shutdown.clone(),
         )),
     ];
+    if cfg.files_dir.is_some() {
+        tasks.push(tokio::spawn(crate::files::watch::run(
+            cfg.clone(),
+            db.clone(),
+            shutdown.clone(),
+        )));
+    }
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Io(e.to_string()))?;

@@ -139,6 +139,9 @@ async fn branch(backend: Backend) -> Result<Branch> {
         max_limit: 1000,
         max_wait: Duration::from_secs(30),
         log_format: "text".into(),
+        files_rescan_interval: Duration::from_secs(300),
+        files_settle: Duration::from_secs(2),
+        files_ignore: branch_listener::config::default_files_ignore(),
     };
     let db = Db::connect_lazy(&config, true)?;
     let app = match backend {

@@ -10,6 +10,9 @@
 //!    parsed into Rust numbers, PostgreSQL parses them as exact numerics);
 //! 5. store the cursor, instance, backlog, lag; commit.
 //!
+//! File events (downloaded and verified before the transaction, see [`crate::files`])
+//! are placed and recorded in `sync.files` right after step 1.
+//!
 //! The upsert's guard `WHERE t._seq < EXCLUDED._seq` makes redelivery a no-op, keeps a
 //! stale change from winning, and keeps a tombstone from being resurrected.
 
@@ -157,6 +160,7 @@ pub async fn apply_batch(
     location: &str,
     resp: &ChangesResponse,
     batch: &CheckedBatch<'_>,
+    files: &crate::files::Plan,
 ) -> Result<Applied> {
     let mut tx = pool.begin().await.map_err(|e| apply_error(e, None))?;
     let stored: Option<(Option<String>,)> =
@@ -188,6 +192,11 @@ pub async fn apply_batch(
                 }
             ))
         })?;
+
+    // Files before the cursor (invariant 6): placed and recorded in this transaction.
+    if !files.is_empty() {
+        crate::files::place_and_record(&mut tx, location, files).await?;
+    }
 
     // Newest change per (table, key).
     let mut newest: HashMap<(usize, &str), usize> = HashMap::new();
@@ -255,7 +264,7 @@ pub async fn apply_batch(
     .bind(resp.instance_id)
     .bind(i64::try_from(resp.backlog).unwrap_or(i64::MAX))
     .bind(lag)
-    .bind(batch.changes.len() as i64)
+    .bind((batch.changes.len() + batch.files.len()) as i64)
     .execute(&mut *tx)
     .await
     .map_err(|e| apply_error(e, None))?;

@@ -14,6 +14,8 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
 pub struct Client {
     http: reqwest::Client,
     changes_url: url::Url,
+    /// `v1/files/` under the location's base URL.
+    files_url: url::Url,
     /// The first token of the location's token file is sent (redacted in `Debug`).
     tokens: schemas::secret::Tokens,
     request_timeout: Duration,
@@ -43,9 +45,13 @@ impl Client {
         let changes_url = base
             .join("v1/changes")
             .map_err(|e| Error::Config(format!("location {}: url: {e}", loc.id)))?;
+        let files_url = base
+            .join("v1/files/")
+            .map_err(|e| Error::Config(format!("location {}: url: {e}", loc.id)))?;
         Ok(Client {
             http,
             changes_url,
+            files_url,
             tokens: loc.tokens.clone(),
             request_timeout: loc.request_timeout,
         })
@@ -115,9 +121,25 @@ impl Client {
     }
 }
 
+impl Client {
+    /// `GET /v1/files/{sha256}` with the bearer token (the caller adds `Range`).
+    pub fn file_request(&self, sha256: &str) -> Result<reqwest::RequestBuilder> {
+        let url = self
+            .files_url
+            .join(sha256)
+            .map_err(|e| Error::Other(format!("file url: {e}")))?;
+        Ok(self.http.get(url).bearer_auth(self.tokens.current()))
+    }
+
+    /// The per-request time limit (for files: per chunk).
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+}
+
 /// A short description of a transport error: what failed, where (URL without query),
 /// and the root cause. reqwest's errors never contain headers: the token stays out.
-fn describe(e: &reqwest::Error) -> String {
+pub fn describe(e: &reqwest::Error) -> String {
     let what = if e.is_timeout() {
         "request to the listener timed out"
     } else if e.is_connect() {

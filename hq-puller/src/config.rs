@@ -48,6 +48,9 @@ pub struct Config {
     pub log_format: LogFormat,
     #[serde(default)]
     pub locations: Vec<LocationConfig>,
+    /// What a file deleted at a branch becomes at HQ (default for every location).
+    #[serde(default)]
+    pub file_delete: crate::files::FileDelete,
     /// Serves the read-only dashboard and `/api/status` when set (loopback only unless
     /// `admin_allow_remote`).
     #[serde(default)]
@@ -95,6 +98,8 @@ pub struct LocationConfig {
     pub request_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    #[serde(default)]
+    pub file_delete: Option<crate::files::FileDelete>,
 }
 
 fn default_schedule() -> String {
@@ -134,6 +139,7 @@ pub struct Location {
     pub batch_limit: u32,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    pub file_delete: crate::files::FileDelete,
 }
 
 /// A validated configuration.
@@ -302,6 +308,7 @@ impl Config {
                     batch_limit,
                     request_timeout: l.request_timeout.unwrap_or(self.request_timeout),
                     connect_timeout: l.connect_timeout.unwrap_or(self.connect_timeout),
+                    file_delete: l.file_delete.unwrap_or(self.file_delete),
                 });
             }
         }

@@ -6,6 +6,7 @@
 //! - [`validate`]: checks of a fetched batch (location, cursor, catalogue, keys).
 //! - [`apply`]: one HQ transaction per batch: newest change per key, set-wise upserts
 //!   guarded by sequence, the cursor.
+//! - [`files`]: the file store: download, verify, store once, place, delete/archive.
 //! - [`store`]: `sync.locations` and `sync.runs`.
 //! - [`pull`]: draining one location (fetch → validate → apply).
 //! - [`schedule`]: cron jobs, stream tasks, no overlap, concurrency cap, backoff, watchdog.
@@ -19,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod dashboard;
 pub mod error;
+pub mod files;
 pub mod metrics;
 pub mod preflight;
 pub mod pull;

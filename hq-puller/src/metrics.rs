@@ -14,6 +14,10 @@ pub const PULL_DURATION: &str = "hq_puller_pull_duration_seconds";
 pub const APPLY_DURATION: &str = "hq_puller_apply_duration_seconds";
 pub const LOCATION_STATE: &str = "hq_puller_location_state";
 pub const JOB_STALLED: &str = "hq_puller_job_stalled";
+pub const FILES_DOWNLOADED: &str = "hq_puller_files_downloaded_total";
+pub const FILES_DOWNLOADED_BYTES: &str = "hq_puller_files_downloaded_bytes_total";
+pub const FILES_CHECKSUM_FAILURES: &str = "hq_puller_files_checksum_failures_total";
+pub const FILES_SUPERSEDED: &str = "hq_puller_files_superseded_total";
 
 /// Every metric name this binary emits (docs/metrics.md documents each).
 pub const ALL: &[&str] = &[
@@ -27,6 +31,10 @@ pub const ALL: &[&str] = &[
     APPLY_DURATION,
     LOCATION_STATE,
     JOB_STALLED,
+    FILES_DOWNLOADED,
+    FILES_DOWNLOADED_BYTES,
+    FILES_CHECKSUM_FAILURES,
+    FILES_SUPERSEDED,
 ];
 
 const BUCKETS: &[f64] = &[
@@ -76,6 +84,10 @@ pub fn restore(row: &crate::store::StatusRow) {
     // Never succeeded: 0 (1970), which "stale" alerts treat as stale, as they should.
     let last = row.last_success_at.map(|t| t.timestamp()).unwrap_or(0);
     metrics::gauge!(LAST_SUCCESS, "location" => l.clone()).set(last as f64);
+    metrics::counter!(FILES_DOWNLOADED, "location" => l.clone()).increment(0);
+    metrics::counter!(FILES_DOWNLOADED_BYTES, "location" => l.clone()).increment(0);
+    metrics::counter!(FILES_CHECKSUM_FAILURES, "location" => l.clone()).increment(0);
+    metrics::counter!(FILES_SUPERSEDED, "location" => l.clone()).increment(0);
     metrics::gauge!(JOB_STALLED, "location" => l).set(0.0);
 }
 

@@ -179,13 +179,19 @@ async fn step(
         instance_id: pos.instance,
     };
     let checked = crate::validate::check(resp, &expected, &app.settings.catalogue)?;
-    let n = checked.changes.len();
+    let n = checked.changes.len() + checked.files.len();
     if n == 0 && Some(resp.next) == pos.cursor {
         return Ok(Step::CaughtUp);
     }
     let after_tick = pos.cursor.map(|c| c.tick).unwrap_or(0);
     // Every line about this batch carries its range (inside the run's span).
     let span = tracing::info_span!("batch", from = after_tick, to = resp.next.tick, changes = n);
+    // File contents are downloaded and verified before the transaction; abandoned on
+    // shutdown (partial downloads are resumed next time).
+    let files = tokio::select! {
+        r = crate::files::prepare(app, &loc.id, &checked.files).instrument(span.clone()) => r?,
+        _ = app.shutdown.cancelled() => return Ok(Step::Interrupted),
+    };
     let t1 = Instant::now();
     // The apply is not raced against shutdown: an in-flight batch commits or rolls back.
     let applied = apply_batch(
@@ -195,6 +201,7 @@ async fn step(
         &loc.id,
         resp,
         &checked,
+        &files,
     )
     .instrument(span.clone())
     .await?;
@@ -217,6 +224,7 @@ async fn step(
         next_tick = resp.next.tick,
         changes = n,
         rows,
+        files = files.items.len(),
         bytes = fetched.bytes,
         backlog = resp.backlog,
         "batch applied"

@@ -5,7 +5,8 @@
 //! *keys* of the primary key and row image are inspected.
 
 use crate::error::{Error, Result};
-use schemas::wire::{ChangesResponse, Op, PROTOCOL_VERSION};
+use schemas::files::{FileKey, FileRow, FILES_TABLE};
+use schemas::wire::{Change, ChangesResponse, Op, PROTOCOL_VERSION};
 use schemas::{Catalogue, Cursor};
 use serde_json::value::RawValue;
 use std::collections::{BTreeMap, HashSet};
@@ -24,10 +25,79 @@ pub struct Checked<'a> {
     pub image: &'a str,
 }
 
+/// A file event (wire table `_files`), checked: safe relative path, strict shape.
+#[derive(Debug, Clone)]
+pub struct FileEvent {
+    pub seq: i64,
+    pub path: String,
+    /// `None` for a delete.
+    pub row: Option<FileRow>,
+}
+
 /// A batch that passed every check.
 #[derive(Debug)]
 pub struct CheckedBatch<'a> {
     pub changes: Vec<Checked<'a>>,
+    /// File events, in stream order.
+    pub files: Vec<FileEvent>,
+}
+
+/// A path for an error message: quoted, control characters escaped, cut at 200 chars.
+fn show_path(p: &str) -> String {
+    format!("{:?}", p.chars().take(200).collect::<String>())
+}
+
+/// Checks one `_files` event strictly: pk exactly `{"path"}`, row exactly
+/// `{"path","size","sha256","mtime"}` with the same path, a lowercase hex sha256, a
+/// size >= 0, and a safe relative path (see [`schemas::files::check_path`]).
+fn check_file_event(c: &Change) -> std::result::Result<FileEvent, String> {
+    let seq = c.seq;
+    let key: FileKey = serde_json::from_str(c.pk.get()).map_err(|e| {
+        format!("change seq {seq}: file event pk must be exactly {{\"path\": text}}: {e}")
+    })?;
+    if let Err(why) = schemas::files::check_path(&key.path) {
+        return Err(format!(
+            "change seq {seq}: file path {} refused: {why}",
+            show_path(&key.path)
+        ));
+    }
+    let row = match (c.op, &c.row) {
+        (Op::Delete, None) => None,
+        (Op::Delete, Some(_)) => {
+            return Err(format!("change seq {seq}: a delete must have row null"))
+        }
+        (_, None) => return Err(format!("change seq {seq}: file event has no row image")),
+        (_, Some(r)) => {
+            let row: FileRow = serde_json::from_str(r.get()).map_err(|e| {
+                format!("change seq {seq}: file event row must be exactly {{path, size, sha256, mtime}}: {e}")
+            })?;
+            if row.path != key.path {
+                return Err(format!(
+                    "change seq {seq}: file row path {} differs from its pk {}",
+                    show_path(&row.path),
+                    show_path(&key.path)
+                ));
+            }
+            if !schemas::files::is_sha256_hex(&row.sha256) {
+                return Err(format!(
+                    "change seq {seq}: file {}: sha256 is not 64 lowercase hex characters",
+                    show_path(&key.path)
+                ));
+            }
+            if row.size < 0 {
+                return Err(format!(
+                    "change seq {seq}: file {}: negative size",
+                    show_path(&key.path)
+                ));
+            }
+            Some(row)
+        }
+    };
+    Ok(FileEvent {
+        seq,
+        path: key.path,
+        row,
+    })
 }
 
 /// What HQ knows about the location before this batch.
@@ -108,9 +178,18 @@ pub fn check<'a>(
     }
     let mut seqs = HashSet::with_capacity(resp.changes.len());
     let mut out = Vec::with_capacity(resp.changes.len());
+    let mut files = Vec::new();
     for c in &resp.changes {
         if !seqs.insert(c.seq) {
             return bad(format!("duplicate seq {} in one batch", c.seq));
+        }
+        if c.table == FILES_TABLE {
+            files.push(
+                check_file_event(c).map_err(|m| {
+                    Error::permanent(format!("listener sent an invalid batch: {m}"))
+                })?,
+            );
+            continue;
         }
         let Some(ti) = catalogue.tables.iter().position(|t| t.name == c.table) else {
             return bad(format!(
@@ -200,7 +279,10 @@ pub fn check<'a>(
             image,
         });
     }
-    Ok(CheckedBatch { changes: out })
+    Ok(CheckedBatch {
+        changes: out,
+        files,
+    })
 }
 
 fn show(c: Option<&Cursor>) -> String {
@@ -264,6 +346,54 @@ mod tests {
         .contains("no row image"));
         assert!(err(&format!(r#"{{"seq":1,"table":"inventory","op":"D","pk":{{"product_id":1}},"row":{{"product_id":1}},{TS}}}"#)).contains("row null"));
         assert!(err(&format!(r#"{{"seq":1,"table":"inventory","op":"I","pk":{{"product_id":1}},"row":{{"product_id":2}},{TS}}}"#)).contains("pk says"));
+    }
+
+    #[test]
+    fn file_events_are_checked_strictly() {
+        let sha = "ab".repeat(32);
+        let row = |p: &str| {
+            format!(r#"{{"path":"{p}","size":3,"sha256":"{sha}","mtime":"2026-01-01T00:00:00Z"}}"#)
+        };
+        let ev = |op: &str, pk: &str, row: &str| {
+            format!(r#"{{"seq":1,"table":"_files","op":"{op}","pk":{pk},"row":{row},{TS}}}"#)
+        };
+        let r = resp(&format!(
+            "{},{}",
+            ev("I", r#"{"path":"dir/ä b.jpg"}"#, &row("dir/ä b.jpg")),
+            ev("D", r#"{"path":"x"}"#, "null").replace("\"seq\":1", "\"seq\":2")
+        ));
+        let b = check(&r, &exp(), &Catalogue::product_management()).unwrap();
+        assert_eq!(b.changes.len(), 0);
+        assert_eq!(b.files.len(), 2);
+        assert_eq!(b.files[0].path, "dir/ä b.jpg");
+        assert!(b.files[1].row.is_none());
+        for (pk, row, want) in [
+            (
+                r#"{"path":"../etc/passwd"}"#,
+                "null".to_string(),
+                "\"../etc/passwd\" refused",
+            ),
+            (r#"{"path":"/etc/passwd"}"#, "null".to_string(), "absolute"),
+            (r#"{"path":"a\u0000b"}"#, "null".to_string(), "NUL"),
+            (r#"{"path":"a//b"}"#, "null".to_string(), "empty component"),
+            (r#"{"path":"a","x":1}"#, "null".to_string(), "exactly"),
+            (r#"{"path":"a"}"#, row("b"), "differs"),
+            (r#"{"path":"a"}"#, row("a").replace(&sha, "XYZ"), "sha256"),
+            (
+                r#"{"path":"a"}"#,
+                row("a").replace("\"size\":3", "\"size\":-1"),
+                "negative",
+            ),
+            (
+                r#"{"path":"a"}"#,
+                row("a").replace("}", ",\"owner\":1}"),
+                "exactly",
+            ),
+        ] {
+            let op = if row == "null" { "D" } else { "U" };
+            let e = err(&ev(op, pk, &row));
+            assert!(e.contains(want), "{pk} {row}: {e}");
+        }
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub enum CatalogueError {
     NoColumns(String),
     #[error("catalogue: table name {0:?} is reserved")]
     Reserved(String),
+    #[error(
+        "catalogue: table {table:?}: file_column {column:?} must name one of its text columns"
+    )]
+    BadFileColumn { table: String, column: String },
     #[error("catalogue file {path}: {message}")]
     File { path: String, message: String },
 }
@@ -201,6 +205,10 @@ pub struct Table {
     pub name: String,
     pub primary_key: Vec<String>,
     pub columns: Vec<Column>,
+    /// A text column naming a file (a path relative to the branch's `files_dir`): HQ's
+    /// `_live` view shows a row only once that file is stored at HQ for its location.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_column: Option<String>,
 }
 
 impl Table {
@@ -265,6 +273,7 @@ impl Catalogue {
                         col("currency", "text", false),
                         col("updated_at", "timestamp", true),
                     ],
+                    file_column: None,
                 },
                 Table {
                     name: "inventory".into(),
@@ -275,6 +284,7 @@ impl Catalogue {
                         col("reorder_level", "integer", true),
                         col("updated_at", "timestamp", true),
                     ],
+                    file_column: None,
                 },
                 Table {
                     name: "product_images".into(),
@@ -286,6 +296,7 @@ impl Catalogue {
                         col("sha256", "text", true),
                         col("updated_at", "timestamp", true),
                     ],
+                    file_column: Some("file_path".into()),
                 },
                 Table {
                     name: "stock_movements".into(),
@@ -297,6 +308,7 @@ impl Catalogue {
                         col("reason", "text", false),
                         col("moved_at", "timestamp", false),
                     ],
+                    file_column: None,
                 },
             ],
         }
@@ -351,6 +363,14 @@ impl Catalogue {
             if t.primary_key.is_empty() {
                 return Err(CatalogueError::NoPrimaryKey(t.name.clone()));
             }
+            if let Some(fc) = &t.file_column {
+                if t.column(fc).map(|c| c.ty) != Some(ColumnType::Text) {
+                    return Err(CatalogueError::BadFileColumn {
+                        table: t.name.clone(),
+                        column: fc.clone(),
+                    });
+                }
+            }
             for k in &t.primary_key {
                 if t.column(k).is_none() {
                     return Err(CatalogueError::UnknownKeyColumn {
@@ -378,6 +398,24 @@ impl Catalogue {
             h = h.wrapping_mul(0x100000001b3);
         }
         format!("{h:016x}")
+    }
+}
+
+/// The built-in table of the branch's file index (SQLite `_pull_files`, PostgreSQL
+/// `pull.files`): its capture triggers write file events under the reserved wire name
+/// [`crate::files::FILES_TABLE`]. It is not part of any [`Catalogue`] (the name is
+/// reserved there), so HQ never makes a mirror table of it.
+pub fn files_table() -> Table {
+    Table {
+        name: crate::files::FILES_TABLE.into(),
+        primary_key: vec!["path".into()],
+        columns: vec![
+            col("path", "text", false),
+            col("size", "integer", false),
+            col("sha256", "text", false),
+            col("mtime", "timestamp", false),
+        ],
+        file_column: None,
     }
 }
 
@@ -453,6 +491,29 @@ columns = [
             c.validate(),
             Err(CatalogueError::DuplicateTable(_))
         ));
+    }
+
+    #[test]
+    fn file_column_must_be_a_text_column() {
+        let c = Catalogue::product_management();
+        assert_eq!(
+            c.table("product_images").unwrap().file_column.as_deref(),
+            Some("file_path")
+        );
+        let mut c2 = c.clone();
+        c2.tables[2].file_column = Some("image_id".into());
+        assert!(matches!(
+            c2.validate(),
+            Err(CatalogueError::BadFileColumn { .. })
+        ));
+        c2.tables[2].file_column = Some("nope".into());
+        assert!(c2.validate().unwrap_err().to_string().contains("nope"));
+        let t: Table = toml::from_str(
+            "name = \"docs\"\nprimary_key = [\"id\"]\nfile_column = \"file\"\ncolumns = [{ name = \"id\", type = \"integer\" }, { name = \"file\", type = \"text\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(t.file_column.as_deref(), Some("file"));
+        assert_eq!(files_table().name, "_files");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`cursor`]: the opaque cursor HQ stores and sends back as `after`.
 //! - [`sql`]: SQL generated from the catalogue: the branch pull area and triggers for
 //!   SQLite and PostgreSQL, and the HQ mirror tables, views and apply statements.
+//! - [`files`]: the file events (`_files`) and the path rules of the files pull area.
 //! - [`migrations`]: the sqlx migrations of the HQ `sync` schema.
 //! - [`secret`]: bearer tokens read from files with permission checks, compared in
 //!   constant time, never printed.
@@ -14,6 +15,7 @@
 
 pub mod catalogue;
 pub mod cursor;
+pub mod files;
 pub mod migrations;
 pub mod secret;
 pub mod sql;

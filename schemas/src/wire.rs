@@ -117,6 +117,9 @@ pub mod error_code {
     pub const LINEAGE_MISMATCH: &str = "lineage_mismatch";
     /// 410: the cursor points into pruned history (HQ needs a resync).
     pub const PRUNED: &str = "pruned";
+    /// 404 (`GET /v1/files/SHA256`): no indexed file has that content any more (it was
+    /// changed again or deleted: a later event in the stream supersedes it).
+    pub const FILE_NOT_FOUND: &str = "file_not_found";
     /// 503: the branch database is unreachable or busy.
     pub const UNAVAILABLE: &str = "unavailable";
     /// 500: anything else.

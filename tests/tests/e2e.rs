@@ -177,7 +177,14 @@ impl World {
                     .fetch_all(&mut c)
                     .await?;
             let mut newest: HashMap<(String, i64), i64> = HashMap::new();
+            // File events: the newest per path is what sync.files records.
+            let mut newest_files: HashMap<String, i64> = HashMap::new();
             for (tbl, pk, seq) in rows {
+                if tbl == schemas::files::FILES_TABLE {
+                    let k: schemas::files::FileKey = serde_json::from_str(&pk)?;
+                    newest_files.insert(k.path, seq);
+                    continue;
+                }
                 let t = cat.table(&tbl).context("unknown table in the pull area")?;
                 let v: serde_json::Value = serde_json::from_str(&pk)?;
                 let id = v[&t.primary_key[0]].as_i64().context("integer key")?;
@@ -208,6 +215,36 @@ impl World {
                     b.location,
                     newest.len(),
                     at_hq.len()
+                );
+            }
+            // The watcher may index a file after HQ caught up: only events up to HQ's
+            // cursor are expected at HQ.
+            let cursor = self.hq.cursor(&b.location).await?.context("HQ cursor")?;
+            let head_seq: i64 =
+                sqlx::query_scalar("SELECT head_seq FROM _pull_ticks WHERE tick_id = ?1")
+                    .bind(cursor.tick)
+                    .fetch_one(&mut c)
+                    .await?;
+            newest_files.retain(|_, s| *s <= head_seq);
+            let files_at_hq: HashMap<String, i64> =
+                sqlx::query_as("SELECT path, _seq FROM sync.files WHERE location_id = $1")
+                    .bind(&b.location)
+                    .fetch_all(&self.hq.pool)
+                    .await?
+                    .into_iter()
+                    .collect();
+            if files_at_hq != newest_files {
+                let wrong: Vec<String> = newest_files
+                    .iter()
+                    .filter(|(p, s)| files_at_hq.get(*p) != Some(*s))
+                    .take(10)
+                    .map(|(p, s)| format!("{p}: branch seq {s}, HQ {:?}", files_at_hq.get(p)))
+                    .collect();
+                bail!(
+                    "{}: {} paths changed at the branch, {} in sync.files; wrong: {wrong:?}",
+                    b.location,
+                    newest_files.len(),
+                    files_at_hq.len()
                 );
             }
         }

@@ -65,6 +65,23 @@ pub struct Branch {
     /// Applied to responses serving window index >= `tamper_from`.
     pub tamper: Option<(usize, Tamper)>,
     next_seq: i64,
+    /// File contents served by `/v1/files/{sha256}` (others: 404 `file_not_found`).
+    pub files: HashMap<String, Vec<u8>>,
+    /// Faults injected into the next file responses, one per request.
+    pub file_faults: std::collections::VecDeque<FileFault>,
+    /// The `Range` header of every file request, in order.
+    pub file_ranges: Vec<Option<String>>,
+}
+
+/// A broken file response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFault {
+    /// One byte flipped (same size).
+    Corrupt,
+    /// The body ends early, with a matching Content-Length (a short file).
+    Truncate,
+    /// The connection is cut after this many bytes of the body.
+    Cut(usize),
 }
 
 impl Branch {
@@ -81,7 +98,18 @@ impl Branch {
             delay: Duration::ZERO,
             tamper: None,
             next_seq: 1_000_000,
+            files: HashMap::new(),
+            file_faults: Default::default(),
+            file_ranges: Vec::new(),
         }
+    }
+
+    /// Registers content to serve; returns its sha256.
+    pub fn add_file(&mut self, content: &[u8]) -> String {
+        use sha2::Digest;
+        let sha = hex::encode(sha2::Sha256::digest(content));
+        self.files.insert(sha.clone(), content.to_vec());
+        sha
     }
 
     pub fn window(mut self, changes: Vec<FakeChange>) -> Branch {
@@ -240,6 +268,7 @@ impl Fake {
         }
         let app = axum::Router::new()
             .route("/{loc}/v1/changes", axum::routing::get(handler))
+            .route("/{loc}/v1/files/{sha}", axum::routing::get(file_handler))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -298,5 +327,79 @@ async fn handler(
             error(StatusCode::from_u16(status).unwrap(), code, "refused")
         }
         Behaviour::Normal => fake.with(&loc, |b| b.respond(q.get("after").map(String::as_str))),
+    }
+}
+
+/// `GET /<loc>/v1/files/{sha}`: serves registered content, `Range: bytes=N-`, faults.
+async fn file_handler(
+    State(fake): State<Fake>,
+    Path((loc, sha)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if headers.get("authorization").and_then(|v| v.to_str().ok())
+        != Some(&format!("Bearer {TOKEN}"))
+    {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized");
+    }
+    let range = headers
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (content, fault) = fake.with(&loc, |b| {
+        b.file_ranges.push(range.clone());
+        (b.files.get(&sha).cloned(), b.file_faults.pop_front())
+    });
+    let Some(mut content) = content else {
+        return error(StatusCode::NOT_FOUND, "file_not_found", "no such file");
+    };
+    let size = content.len();
+    let start = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n < size);
+    let mut body = match start {
+        Some(n) => content.split_off(n),
+        None => content,
+    };
+    let status = if start.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let mut builder = Response::builder().status(status);
+    if let Some(n) = start {
+        builder = builder.header("content-range", format!("bytes {n}-{}/{size}", size - 1));
+    }
+    match fault {
+        None => builder.body(axum::body::Body::from(body)).unwrap(),
+        Some(FileFault::Corrupt) => {
+            let i = body.len() / 2;
+            body[i] ^= 0xff;
+            builder.body(axum::body::Body::from(body)).unwrap()
+        }
+        Some(FileFault::Truncate) => {
+            body.truncate(body.len() / 2);
+            builder.body(axum::body::Body::from(body)).unwrap()
+        }
+        Some(FileFault::Cut(n)) => {
+            let len = body.len();
+            let head = bytes::Bytes::from(body[..n.min(len)].to_vec());
+            // The head goes out, then the connection breaks.
+            let stream = futures::stream::unfold(Some(head), |state| async move {
+                match state {
+                    Some(h) => Some((Ok::<_, std::io::Error>(h), None)),
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Some((Err(std::io::Error::other("cut")), None))
+                    }
+                }
+            });
+            builder
+                .header("content-length", len)
+                .body(axum::body::Body::from_stream(stream))
+                .unwrap()
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 mod docs_coverage;
 mod fake;
+mod files;
 
 use fake::{ch, Behaviour, Branch, Fake, TOKEN};
 use hq_puller::config::{self, Settings};
@@ -248,6 +249,7 @@ async fn applies_batches_and_redelivery_changes_nothing() {
             "b01",
             &fetched.response,
             &checked,
+            &hq_puller::files::Plan::default(),
         )
         .await
         .unwrap()

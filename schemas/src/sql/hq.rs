@@ -48,15 +48,33 @@ pub fn create_mirror_tables(catalogue: &Catalogue) -> Vec<String> {
                 c.ty.hq_type()
             ));
         }
-        let names: Vec<String> = t.columns.iter().map(|c| q(&c.name)).collect();
+        let names: Vec<String> = t
+            .columns
+            .iter()
+            .map(|c| format!("t.{}", q(&c.name)))
+            .collect();
         v.push(format!(
-            "CREATE OR REPLACE VIEW {} AS SELECT location_id, {} FROM {} WHERE NOT _deleted",
+            "CREATE OR REPLACE VIEW {} AS SELECT t.location_id, {} FROM {} t WHERE NOT t._deleted{}",
             live_view(t),
             names.join(", "),
-            mirror_table(t)
+            mirror_table(t),
+            file_condition(t)
         ));
     }
     v
+}
+
+/// For a table with a `file_column`: a row is live only once its file is stored at HQ
+/// for the same location (so a row naming an image is never visible before the image).
+fn file_condition(t: &Table) -> String {
+    match &t.file_column {
+        None => String::new(),
+        Some(c) => format!(
+            " AND EXISTS (SELECT 1 FROM sync.files f WHERE f.location_id = t.location_id \
+             AND f.path = t.{} AND f.state = 'stored')",
+            q(c)
+        ),
+    }
 }
 
 /// Expression turning the decoded record column into the mirror column's value.
@@ -130,5 +148,7 @@ mod tests {
         assert!(ddl.contains("PRIMARY KEY (location_id, \"product_id\")"));
         assert!(ddl.contains("CREATE OR REPLACE VIEW hq.\"products_live\""));
         assert!(ddl.contains("_seq bigint NOT NULL"));
+        assert!(ddl.contains("f.path = t.\"file_path\" AND f.state = 'stored'"));
+        assert_eq!(ddl.matches("sync.files").count(), 1, "only product_images");
     }
 }

@@ -12,8 +12,8 @@ pub mod postgres;
 pub mod sqlite;
 
 /// Version of the branch pull-area layout. Stored in the pull area's metadata; install
-/// upgrades an older layout and refuses a newer one.
-pub const PULL_AREA_VERSION: i64 = 1;
+/// upgrades an older layout and refuses a newer one. 2: the file index (`_files`).
+pub const PULL_AREA_VERSION: i64 = 2;
 
 /// Quote an identifier (already validated by the catalogue) for SQLite and PostgreSQL.
 pub fn q(ident: &str) -> String {

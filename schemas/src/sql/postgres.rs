@@ -6,6 +6,8 @@
 //! - `pull.ticks`: a stored `pg_snapshot` per tick (PgQ style). The window (L, H] holds
 //!   the changes whose transaction is visible in H's snapshot and not in L's.
 //! - `pull.meta`: instance id, layout version, catalogue fingerprint, acknowledged tick.
+//! - `pull.files`: the file index, captured (function `pull.capture__files`) under the
+//!   wire table name `_files`.
 //!
 //! Capture: one `AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW` trigger per table
 //! (`_pull_capture`, function `pull.capture_<table>()`), which also `pg_notify`s the
@@ -37,6 +39,10 @@ pub fn create_pull_area() -> Vec<String> {
          snap pg_snapshot NOT NULL, head_seq bigint NOT NULL, \
          created_at timestamptz NOT NULL DEFAULT now())"
             .into(),
+        "CREATE TABLE IF NOT EXISTS pull.files (\
+         path text PRIMARY KEY, size bigint NOT NULL, sha256 text NOT NULL, mtime timestamptz NOT NULL)"
+            .into(),
+        "CREATE INDEX IF NOT EXISTS files_sha256_idx ON pull.files (sha256)".into(),
     ]
 }
 
@@ -51,10 +57,12 @@ pub fn drop_pull_area(tables: &[String]) -> Vec<String> {
     v
 }
 
-/// Query listing the tables that carry a capture trigger (schema-qualified names are
-/// not needed: the demo and application tables live in the search path).
+/// Query listing the application tables that carry a capture trigger (schema-qualified
+/// names are not needed: the demo and application tables live in the search path; the
+/// file index in schema `pull` goes with the schema).
 pub const LIST_CAPTURED_TABLES: &str = "SELECT c.relname::text FROM pg_trigger g \
-     JOIN pg_class c ON c.oid = g.tgrelid WHERE g.tgname = '_pull_capture' AND NOT g.tgisinternal";
+     JOIN pg_class c ON c.oid = g.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE g.tgname = '_pull_capture' AND NOT g.tgisinternal AND n.nspname <> 'pull'";
 
 fn json_value(rec: &str, name: &str, ty: ColumnType) -> String {
     let c = format!("{rec}.{}", q(name));
@@ -84,6 +92,16 @@ fn jsonb_object(rec: &str, table: &Table, cols: &[&str]) -> String {
 
 /// The capture function and trigger of one table (idempotent).
 pub fn create_capture(table: &Table) -> Vec<String> {
+    create_capture_on(table, &q(&table.name))
+}
+
+/// The capture function and trigger of the file index `pull.files` (wire name `_files`).
+pub fn create_files_capture() -> Vec<String> {
+    create_capture_on(&crate::catalogue::files_table(), "pull.files")
+}
+
+/// Capture on relation `source` (quoted, maybe schema-qualified) under `table`'s name.
+fn create_capture_on(table: &Table, source: &str) -> Vec<String> {
     let t = &table.name;
     let keys: Vec<&str> = table.primary_key.iter().map(String::as_str).collect();
     let cols: Vec<&str> = table.column_names().collect();
@@ -116,11 +134,10 @@ pub fn create_capture(table: &Table) -> Vec<String> {
         format!(
             "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $pull$ {body} $pull$"
         ),
-        format!("DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {}", q(t)),
+        format!("DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {source}"),
         format!(
-            "CREATE TRIGGER {TRIGGER_NAME} AFTER INSERT OR UPDATE OR DELETE ON {} \
-             FOR EACH ROW EXECUTE FUNCTION {func}()",
-            q(t)
+            "CREATE TRIGGER {TRIGGER_NAME} AFTER INSERT OR UPDATE OR DELETE ON {source} \
+             FOR EACH ROW EXECUTE FUNCTION {func}()"
         ),
     ]
 }
@@ -144,6 +161,14 @@ mod tests {
     }
 
     #[test]
+    fn file_index_is_captured_as_files() {
+        let sql = create_files_capture().join("\n");
+        assert!(sql.contains("ON pull.files FOR EACH ROW"));
+        assert!(sql.contains("VALUES ('_files', 'D'"));
+        assert!(sql.contains("pull.\"capture__files\"()"));
+    }
+
+    #[test]
     fn wide_tables_are_chunked() {
         let cols: Vec<crate::Column> = (0..120)
             .map(|i| crate::Column {
@@ -156,6 +181,7 @@ mod tests {
             name: "wide".into(),
             primary_key: vec!["c0".into()],
             columns: cols,
+            file_column: None,
         };
         let sql = create_capture(&t).join("\n");
         assert!(sql.matches("jsonb_build_object(").count() >= 3 + 2);

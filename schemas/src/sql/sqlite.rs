@@ -5,6 +5,8 @@
 //!   sequence order is commit order and any read sees a committed prefix.
 //! - `_pull_ticks`: window boundaries (`head_seq` = highest committed seq at the tick).
 //! - `_pull_meta`: instance id, layout version, catalogue fingerprint, acknowledged tick.
+//! - `_pull_files`: the file index (path, size, sha256, mtime as UTC text), captured by
+//!   the same triggers under the wire table name `_files`.
 //!
 //! Triggers: `_pull_<table>_ins`, `_pull_<table>_upd`, `_pull_<table>_del`. An UPDATE
 //! that changes the primary key is captured as a delete of the old key followed by an
@@ -16,6 +18,8 @@ use crate::catalogue::{Catalogue, ColumnType, Table};
 pub const CHANGES: &str = "_pull_changes";
 pub const TICKS: &str = "_pull_ticks";
 pub const META: &str = "_pull_meta";
+/// The file index (`files_dir`'s current state), captured as wire table `_files`.
+pub const FILES: &str = "_pull_files";
 
 /// Statements creating the pull-area tables (idempotent).
 pub fn create_pull_area() -> Vec<String> {
@@ -33,12 +37,17 @@ pub fn create_pull_area() -> Vec<String> {
              head_seq INTEGER NOT NULL, \
              created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
         ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {FILES} (\
+             path TEXT PRIMARY KEY, size INTEGER NOT NULL, sha256 TEXT NOT NULL, mtime TEXT NOT NULL)"
+        ),
+        format!("CREATE INDEX IF NOT EXISTS _pull_files_sha256 ON {FILES} (sha256)"),
     ]
 }
 
 /// Statements removing the pull-area tables (after the triggers are dropped).
 pub fn drop_pull_area() -> Vec<String> {
-    [CHANGES, TICKS, META]
+    [CHANGES, TICKS, META, FILES]
         .iter()
         .map(|t| format!("DROP TABLE IF EXISTS {t}"))
         .collect()
@@ -84,8 +93,18 @@ fn row_object(rec: &str, table: &Table) -> String {
 
 /// The three capture triggers of one table.
 pub fn create_triggers(table: &Table) -> Vec<String> {
+    create_triggers_on(table, &table.name)
+}
+
+/// The capture triggers of the file index: on [`FILES`], wire name `_files`.
+pub fn create_files_triggers() -> Vec<String> {
+    create_triggers_on(&crate::catalogue::files_table(), FILES)
+}
+
+/// Capture triggers on table `source`, writing changes under `table`'s (wire) name.
+fn create_triggers_on(table: &Table, source: &str) -> Vec<String> {
     let t = &table.name;
-    let tq = q(t);
+    let tq = q(source);
     let tl = lit(t);
     let key_changed = table
         .primary_key
@@ -135,5 +154,13 @@ mod tests {
         assert!(sql.contains("'unit_price', NEW.\"unit_price\""));
         assert!(sql.contains("OLD.\"product_id\" IS NOT NEW.\"product_id\""));
         assert_eq!(sql.matches("CREATE TRIGGER").count(), 3);
+    }
+
+    #[test]
+    fn file_index_is_captured_as_files() {
+        let sql = create_files_triggers().join("\n");
+        assert!(sql.contains("AFTER INSERT ON \"_pull_files\""));
+        assert!(sql.contains("VALUES ('_files', 'I'"));
+        assert!(sql.contains("\"_pull__files_del\""));
     }
 }

@@ -1,0 +1,250 @@
+//! Downloading one content into the object store: `.tmp/<sha256>.<location>.part`, resumed with
+//! `Range` after a cut, size and sha256 verified while streaming (bounded memory),
+//! fsync'ed, then renamed to `.objects/ab/<sha256>` (and the directory fsync'ed).
+//! A mismatch deletes the partial file and downloads again from the start, up to
+//! [`ATTEMPTS`] times; then the batch fails (transient: retried with backoff), nothing
+//! is stored and the cursor does not move.
+
+use super::Store;
+use crate::client::{describe, http_error, Client};
+use crate::error::{Error, Result};
+use crate::metrics as m;
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Download attempts (cuts and mismatches) per content and batch.
+pub const ATTEMPTS: usize = 4;
+
+/// Result of fetching one content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    /// In the object store, verified (downloaded now or before).
+    Stored,
+    /// The listener answered `file_not_found`.
+    Superseded,
+}
+
+/// One attempt's failure.
+enum Attempt {
+    /// The connection was cut: resume from what is on disk.
+    Cut(String),
+    /// Wrong size or checksum: start over.
+    Mismatch(String),
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::transient(format!("file store: {what} {}: {e}", path.display()))
+}
+
+/// Hashes the first bytes already downloaded (resume).
+async fn hash_prefix(path: &Path, h: &mut Sha256) -> std::io::Result<u64> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).await?;
+        if k == 0 {
+            return Ok(n);
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
+/// fsync of a directory (after a rename into it).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Makes sure the content `sha256` of `size` bytes is in the object store.
+pub async fn fetch(
+    client: &Client,
+    store: &Store,
+    location: &str,
+    path: &str,
+    sha256: &str,
+    size: i64,
+) -> Result<Fetched> {
+    let object = store.object(sha256);
+    if let Ok(meta) = tokio::fs::metadata(&object).await {
+        if i64::try_from(meta.len()).ok() == Some(size) {
+            return Ok(Fetched::Stored);
+        }
+    }
+    let tmp_dir = store.tmp_dir();
+    tokio::fs::create_dir_all(&tmp_dir)
+        .await
+        .map_err(|e| io_err("creating", &tmp_dir, e))?;
+    // Per location: two locations fetching the same content never share a partial file
+    // (both then rename identical, verified content onto the same object).
+    let part = tmp_dir.join(format!("{sha256}.{location}.part"));
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        match attempt_once(client, &part, location, path, sha256, size).await? {
+            Ok(None) => {
+                // Superseded.
+                let _ = tokio::fs::remove_file(&part).await;
+                return Ok(Fetched::Superseded);
+            }
+            Ok(Some(bytes)) => {
+                let dir = object.parent().expect("object path has a parent");
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|e| io_err("creating", dir, e))?;
+                tokio::fs::rename(&part, &object)
+                    .await
+                    .map_err(|e| io_err("storing", &object, e))?;
+                let d = dir.to_path_buf();
+                tokio::task::spawn_blocking(move || sync_dir(&d))
+                    .await
+                    .map_err(|e| Error::Other(format!("fsync task: {e}")))?
+                    .map_err(|e| io_err("syncing", dir, e))?;
+                metrics::counter!(m::FILES_DOWNLOADED, "location" => location.to_string())
+                    .increment(1);
+                tracing::debug!(location, path, sha256, bytes, "file content stored");
+                return Ok(Fetched::Stored);
+            }
+            Err(Attempt::Cut(why)) => {
+                tracing::info!(location, path, attempt, error = %why, "file download cut; resuming");
+                last = why;
+            }
+            Err(Attempt::Mismatch(why)) => {
+                metrics::counter!(m::FILES_CHECKSUM_FAILURES, "location" => location.to_string())
+                    .increment(1);
+                tracing::warn!(location, path, sha256, attempt, error = %why, "downloaded file failed verification; discarded");
+                let _ = tokio::fs::remove_file(&part).await;
+                last = why;
+            }
+        }
+    }
+    Err(Error::transient(format!(
+        "file {path:?} (sha256 {sha256}) of location {location}: download failed {ATTEMPTS} times, last: {last}"
+    )))
+}
+
+/// One request. `Ok(Ok(Some(n)))`: complete and verified in `part`; `Ok(Ok(None))`:
+/// superseded; `Ok(Err(_))`: retry; `Err(_)`: give up (refused, local I/O).
+async fn attempt_once(
+    client: &Client,
+    part: &Path,
+    location: &str,
+    path: &str,
+    sha256: &str,
+    size: i64,
+) -> Result<std::result::Result<Option<u64>, Attempt>> {
+    let size = u64::try_from(size).unwrap_or(0);
+    let mut have = match tokio::fs::metadata(part).await {
+        Ok(m) if m.len() <= size => m.len(),
+        Ok(_) => {
+            let _ = tokio::fs::remove_file(part).await;
+            0
+        }
+        Err(_) => 0,
+    };
+    let mut req = client.file_request(sha256)?;
+    if have > 0 {
+        req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+    }
+    let timeout = client.request_timeout();
+    let resp = match tokio::time::timeout(timeout, req.send()).await {
+        Err(_) => return Ok(Err(Attempt::Cut("request timed out".into()))),
+        // Connection trouble before the headers: retried like a cut.
+        Ok(Err(e)) => return Ok(Err(Attempt::Cut(describe(&e)))),
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND || !status.is_success() {
+        let body = resp.bytes().await.unwrap_or_default();
+        let code = serde_json::from_slice::<schemas::wire::ErrorBody>(&body)
+            .map(|b| b.error.code)
+            .unwrap_or_default();
+        if status == StatusCode::NOT_FOUND && code == schemas::wire::error_code::FILE_NOT_FOUND {
+            return Ok(Ok(None));
+        }
+        if status == StatusCode::RANGE_NOT_SATISFIABLE {
+            let _ = tokio::fs::remove_file(part).await;
+            return Ok(Err(Attempt::Cut(
+                "range not satisfiable; starting over".into(),
+            )));
+        }
+        let e = http_error(status, &body);
+        return Err(match e {
+            Error::Pull { kind, message } => Error::Pull {
+                kind,
+                message: format!("fetching file {path:?} of location {location}: {message}"),
+            },
+            other => other,
+        });
+    }
+    let mut hasher = Sha256::new();
+    let resumed = status == StatusCode::PARTIAL_CONTENT
+        && have > 0
+        && resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(&format!("bytes {have}-")));
+    let mut file = if resumed {
+        have = hash_prefix(part, &mut hasher)
+            .await
+            .map_err(|e| io_err("reading", part, e))?;
+        tokio::fs::OpenOptions::new()
+            .append(true)
+            .open(part)
+            .await
+            .map_err(|e| io_err("opening", part, e))?
+    } else {
+        have = 0;
+        tokio::fs::File::create(part)
+            .await
+            .map_err(|e| io_err("creating", part, e))?
+    };
+    let mut resp = resp;
+    let mut total = have;
+    let mut written = 0u64;
+    let outcome = loop {
+        let chunk = match tokio::time::timeout(timeout, resp.chunk()).await {
+            Err(_) => break Some(Attempt::Cut("no data within the request timeout".into())),
+            Ok(Err(e)) => break Some(Attempt::Cut(describe(&e))),
+            Ok(Ok(None)) => break None,
+            Ok(Ok(Some(c))) => c,
+        };
+        total += chunk.len() as u64;
+        if total > size {
+            break Some(Attempt::Mismatch(format!(
+                "more than the announced {size} bytes"
+            )));
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| io_err("writing", part, e))?;
+        written += chunk.len() as u64;
+    };
+    file.flush().await.map_err(|e| io_err("writing", part, e))?;
+    metrics::counter!(m::FILES_DOWNLOADED_BYTES, "location" => location.to_string())
+        .increment(written);
+    if let Some(a) = outcome {
+        if matches!(a, Attempt::Cut(_)) {
+            let _ = file.sync_data().await;
+        }
+        return Ok(Err(a));
+    }
+    if total != size {
+        return Ok(Err(Attempt::Mismatch(format!(
+            "size {total} bytes, the event says {size}"
+        ))));
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != sha256 {
+        return Ok(Err(Attempt::Mismatch(format!(
+            "sha256 {got}, expected {sha256}"
+        ))));
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| io_err("syncing", part, e))?;
+    Ok(Ok(Some(total)))
+}

@@ -1,0 +1,384 @@
+//! Benchmark: file replication (branch-listener → hq-puller) against `rsync -a` of the
+//! same folder over loopback (an rsync daemon on 127.0.0.1), in the same run.
+//!
+//! (a) `--files` images of `--min-kb`..`--max-kb` KB (random bytes, seeded);
+//! (b) one file of `--big-mib` MiB.
+//! Ours: a SQLite branch whose `files_dir` holds the folder; the listener indexes it at
+//! start (reported apart: "index"), then `hq-puller pull` is timed from start to exit:
+//! download, size + sha256 verification, fsync, content-addressed store, atomic placement
+//! and the batch's transaction. rsync: `rsync -a rsync://127.0.0.1:PORT/src/ DST/`
+//! timed to exit (rsync does no end-to-end checksum of its own choosing beyond its
+//! transfer checksums, and no fsync). Peak RSS (VmHWM) of each process during (b).
+//!
+//! Needs PostgreSQL (`TEST_PG_URL`, or `tests/pg.sh ensure` is run) and `rsync`.
+//! Reproduce: cargo build --release -p branch-listener -p hq-puller -p tests --bins &&
+//!   target/release/bench-files [--files 10000 --big-mib 2048 --reps 1] [--quick]
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+use tests::bench::median_min_max as median;
+use tests::process::{free_port, write_private};
+
+#[derive(Parser, Clone)]
+struct Args {
+    /// Number of images in (a).
+    #[arg(long, default_value_t = 10_000)]
+    files: usize,
+    /// Size of the single file of (b), MiB.
+    #[arg(long, default_value_t = 2048)]
+    big_mib: u64,
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    #[arg(long, default_value_t = 50)]
+    min_kb: usize,
+    #[arg(long, default_value_t = 500)]
+    max_kb: usize,
+    /// A short run: 1,000 images and a 256 MiB file (unless given explicitly).
+    #[arg(long)]
+    quick: bool,
+    /// Folder for the data (default: a temporary folder).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+const TOKEN: &str = "bench-token-0123456789abcdef";
+
+/// Peak resident set (VmHWM) of a process, KiB.
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Children of `pid` (the rsync daemon forks one per connection).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+                // pid (comm) state ppid ...
+                if let Some(rest) = stat.rsplit_once(')').map(|x| x.1) {
+                    if rest.split_whitespace().nth(1).and_then(|x| x.parse().ok()) == Some(pid) {
+                        out.push(p);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runs `cmd` to its end; returns seconds, its peak RSS and the peak RSS of the
+/// children of `watch` (KiB) observed meanwhile.
+fn timed(mut cmd: Command, watch: Option<u32>) -> Result<(f64, u64, u64)> {
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning")?;
+    let pid = child.id();
+    let (mut peak, mut other) = (0u64, 0u64);
+    loop {
+        peak = peak.max(vm_hwm(pid).unwrap_or(0));
+        if let Some(w) = watch {
+            for c in children(w) {
+                other = other.max(vm_hwm(c).unwrap_or(0));
+            }
+        }
+        if let Some(st) = child.try_wait()? {
+            let secs = t0.elapsed().as_secs_f64();
+            if !st.success() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!("{cmd:?} failed ({st}): {err}");
+            }
+            return Ok((secs, peak, other));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes the data set; returns (files, bytes).
+fn generate(src: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(usize, u64)> {
+    std::fs::create_dir_all(src)?;
+    let old = SystemTime::now() - Duration::from_secs(3600);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut bytes = 0u64;
+    if big_mib > 0 {
+        use std::io::Write;
+        let p = src.join("big.bin");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&p)?);
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..big_mib {
+            rng.fill(&mut buf[..]);
+            f.write_all(&buf)?;
+        }
+        f.into_inner()?.set_modified(old)?;
+        return Ok((1, big_mib << 20));
+    }
+    for i in 0..images {
+        let len = rng.gen_range(args.min_kb * 1024..=args.max_kb * 1024);
+        let mut buf = vec![0u8; len];
+        rng.fill(&mut buf[..]);
+        let p = src.join(format!("images/{:03}/{i}.jpg", i % 100));
+        std::fs::create_dir_all(p.parent().unwrap())?;
+        std::fs::write(&p, &buf)?;
+        std::fs::File::options()
+            .write(true)
+            .open(&p)?
+            .set_modified(old)?;
+        bytes += len as u64;
+    }
+    Ok((images, bytes))
+}
+
+struct Run {
+    index_s: f64,
+    ours_s: f64,
+    rsync_s: f64,
+    ours_rss: (u64, u64),
+    rsync_rss: (u64, u64),
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn count_files(dir: &Path) -> (usize, u64) {
+    let mut n = (0, 0);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                let (a, b) = count_files(&e.path());
+                n.0 += a;
+                n.1 += b;
+            } else if ft.is_file() {
+                n.0 += 1;
+                n.1 += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    n
+}
+
+async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(usize, u64, Run)> {
+    let bins = tests::process::bin_dir();
+    let _ = std::fs::remove_dir_all(work);
+    std::fs::create_dir_all(work)?;
+    let src = work.join("src");
+    let (n, bytes) = generate(&src, images, big_mib, args)?;
+
+    // --- ours ---
+    let tok = work.join("token");
+    write_private(&tok, &format!("{TOKEN}\n"))?;
+    let port = free_port()?;
+    let bcfg = work.join("branch.toml");
+    std::fs::write(
+        &bcfg,
+        format!(
+            "location = \"b01\"\ndatabase_url = \"sqlite://{}\"\nlisten = \"127.0.0.1:{port}\"\n\
+             token_file = \"{}\"\nfiles_dir = \"{}\"\n",
+            work.join("branch.db").display(),
+            tok.display(),
+            src.display()
+        ),
+    )?;
+    let st = Command::new(bins.join("branch-listener"))
+        .args(["install", "--with-demo-schema", "--config"])
+        .arg(&bcfg)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("branch-listener install failed");
+    }
+    let t_index = Instant::now();
+    let mut listener: Child = Command::new(bins.join("branch-listener"))
+        .args(["serve", "--config"])
+        .arg(&bcfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let db = format!("sqlite://{}", work.join("branch.db").display());
+    let pool = sqlx::SqlitePool::connect(&db).await?;
+    loop {
+        let c: i64 = sqlx::query_scalar("SELECT count(*) FROM _pull_files")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+        if c as usize == n {
+            break;
+        }
+        if t_index.elapsed() > Duration::from_secs(3600) {
+            bail!("the listener did not index the folder");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let index_s = t_index.elapsed().as_secs_f64();
+    pool.close().await;
+    wait_port(port)?;
+    let hq_url = tests::pg::fresh_database("benchfiles").await?;
+    let hq_dir = work.join("hq");
+    let hcfg = work.join("hq.toml");
+    std::fs::write(
+        &hcfg,
+        format!(
+            "database_url = \"{hq_url}\"\nfiles_dir = \"{}\"\nrun_budget = \"1h\"\n\
+             request_timeout = \"60s\"\n[[locations]]\nid = \"b01\"\nurl = \"http://127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
+            hq_dir.display(),
+            tok.display()
+        ),
+    )?;
+    let st = Command::new(bins.join("hq-puller"))
+        .args(["migrate", "--config"])
+        .arg(&hcfg)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("hq-puller migrate failed");
+    }
+    let mut cmd = Command::new(bins.join("hq-puller"));
+    cmd.args(["pull", "b01", "--config"])
+        .arg(&hcfg)
+        .env("RUST_LOG", "warn");
+    let (ours_s, hq_rss, _) = timed(cmd, None)?;
+    let listener_rss = vm_hwm(listener.id()).unwrap_or(0);
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let got = count_files(&hq_dir.join("b01"));
+    if got != (n, bytes) {
+        bail!("HQ holds {got:?} (files, bytes), expected {:?}", (n, bytes));
+    }
+    let _ = std::fs::remove_dir_all(&hq_dir);
+
+    // --- rsync daemon on loopback ---
+    let rport = free_port()?;
+    let conf = work.join("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = no\nuid = root\ngid = root\n[src]\npath = {}\nread only = yes\n",
+            src.display()
+        ),
+    )?;
+    let mut daemon = Command::new("rsync")
+        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+        .arg(format!("--port={rport}"))
+        .arg(format!("--config={}", conf.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting rsync --daemon (apt-get install rsync)")?;
+    wait_port(rport)?;
+    let dst = work.join("rsync-dst");
+    let mut cmd = Command::new("rsync");
+    cmd.arg("-a")
+        .arg(format!("rsync://127.0.0.1:{rport}/src/"))
+        .arg(format!("{}/", dst.display()));
+    let (rsync_s, rsync_client_rss, rsync_daemon_rss) = timed(cmd, Some(daemon.id()))?;
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    if count_files(&dst) != (n, bytes) {
+        bail!("rsync copied {:?}", count_files(&dst));
+    }
+    let _ = std::fs::remove_dir_all(work);
+    Ok((
+        n,
+        bytes,
+        Run {
+            index_s,
+            ours_s,
+            rsync_s,
+            ours_rss: (listener_rss, hq_rss),
+            rsync_rss: (rsync_daemon_rss, rsync_client_rss),
+        },
+    ))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        let explicit = |flag: &str| std::env::args().any(|a| a == flag);
+        if !explicit("--files") {
+            args.files = 1000;
+        }
+        if !explicit("--big-mib") {
+            args.big_mib = 256;
+        }
+    }
+    let tmp = tempfile::tempdir()?;
+    let base = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    println!(
+        "bench-files: (a) {} images of {}–{} KB, (b) one {} MiB file; {} repetition(s); loopback",
+        args.files, args.min_kb, args.max_kb, args.big_mib, args.reps
+    );
+    println!("| case | ours MB/s | ours files/s | rsync MB/s | rsync files/s | ours / rsync | branch index s |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut rss = None;
+    for (case, images, big) in [
+        ("(a) images", args.files, 0),
+        ("(b) one big file", 0, args.big_mib),
+    ] {
+        if images == 0 && big == 0 {
+            continue;
+        }
+        let (mut ours, mut theirs, mut index) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut n, mut bytes) = (0, 0);
+        for _ in 0..args.reps {
+            let (nn, bb, r) = one(&base.join("work"), images, big, &args).await?;
+            (n, bytes) = (nn, bb);
+            ours.push(r.ours_s);
+            theirs.push(r.rsync_s);
+            index.push(r.index_s);
+            if big > 0 {
+                rss = Some((r.ours_rss, r.rsync_rss));
+            }
+        }
+        let (o, _, _) = median(ours);
+        let (t, _, _) = median(theirs);
+        let (ix, _, _) = median(index);
+        let mb = bytes as f64 / 1e6;
+        println!(
+            "| {case} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}× | {ix:.1} |",
+            mb / o,
+            n as f64 / o,
+            mb / t,
+            n as f64 / t,
+            t / o
+        );
+    }
+    if let Some(((l, h), (d, c))) = rss {
+        println!();
+        println!("Peak RSS during (b): branch-listener {} MiB, hq-puller {} MiB; rsync daemon (sender) {} MiB, rsync client {} MiB",
+            l / 1024, h / 1024, d / 1024, c / 1024);
+    }
+    println!(
+        "reproduce: cargo build --release -p branch-listener -p hq-puller -p tests --bins && target/release/bench-files --files {} --big-mib {} --reps {} --min-kb {} --max-kb {}",
+        args.files, args.big_mib, args.reps, args.min_kb, args.max_kb
+    );
+    Ok(())
+}
