@@ -365,8 +365,14 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
             metrics::gauge!(m::OLDEST_UNACKED_AGE_SECONDS)
                 .set(f.oldest_unacked_age_seconds.unwrap_or(0.0));
             metrics::gauge!(m::HEAD_SEQ).set(f.head_seq as f64);
+            metrics::gauge!(m::OLDEST_OPEN_WRITER_AGE_SECONDS)
+                .set(f.oldest_open_writer.map(|w| w.age_seconds).unwrap_or(0.0));
+            metrics::gauge!(m::DATABASE_UP).set(1.0);
         }
-        Err(e) => tracing::debug!(error = %e, "metrics: pull-area figures unavailable"),
+        Err(e) => {
+            metrics::gauge!(m::DATABASE_UP).set(0.0);
+            tracing::debug!(error = %e, "metrics: pull-area figures unavailable")
+        }
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

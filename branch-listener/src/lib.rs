@@ -23,6 +23,7 @@ pub mod http;
 pub mod install;
 pub mod limits;
 pub mod metrics;
+pub mod preflight;
 pub mod prune;
 pub mod pull_area;
 pub mod serve;

@@ -65,22 +65,32 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Io(e.to_string()))?;
+    // TLS keys are read before READY=1: a bad key fails the start, not the first request.
+    let tls = cfg.tls()?;
     tracing::info!(%addr, "listening");
+    schemas::systemd::notify_ready();
+    schemas::systemd::spawn_watchdog();
     let token = shutdown.clone();
     let service = app(state).into_make_service_with_connect_info::<ClientAddr>();
-    let served = match cfg.tls()? {
+    let served = match tls {
         Some(tls) => {
             tracing::info!(%addr, "serving HTTPS");
             let listener = TlsListener::new(listener, tls, shutdown.clone())
                 .map_err(|e| Error::Io(e.to_string()))?;
             axum::serve(listener, service)
-                .with_graceful_shutdown(async move { token.cancelled().await })
+                .with_graceful_shutdown(async move {
+                    token.cancelled().await;
+                    schemas::systemd::notify_stopping();
+                })
                 .await
         }
         None => {
             tracing::warn!(location = %cfg.location, %addr, "serving plain HTTP: tls_cert_file and tls_key_file are not set; the token and the data travel unencrypted");
             axum::serve(listener, service)
-                .with_graceful_shutdown(async move { token.cancelled().await })
+                .with_graceful_shutdown(async move {
+                    token.cancelled().await;
+                    schemas::systemd::notify_stopping();
+                })
                 .await
         }
     };

@@ -1226,6 +1226,24 @@ async fn long_open_transaction_does_not_stall_others() -> Result<()> {
         st.oldest_open_writer.is_some(),
         "A is reported as an open writer: {body}"
     );
+    // ... and as the horizon held back in /metrics (polled: the gauge is process-wide and
+    // other tests' scrapes may set it meanwhile).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = server.get("/metrics", Some(TOKEN)).await?;
+        let age = text
+            .lines()
+            .find_map(|l| l.strip_prefix("branch_listener_oldest_open_writer_age_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if age.is_some_and(|a| a > 0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "oldest_open_writer_age_seconds stays {age:?} while A is open:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     a.commit().await?;
     // A committed after the tick that served B: it arrives in the next window, not lost.
     let r2 = server.changes(Some(&r1.next), 100, 0).await?;
@@ -1745,4 +1763,64 @@ fn urlencode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+// check-config's database check.
+
+#[tokio::test]
+async fn check_config_reports_the_database() -> Result<()> {
+    use branch_listener::preflight::{database, DatabaseState};
+    let b = branch(Backend::Sqlite).await?;
+    assert_eq!(database(&b.config).await?, DatabaseState::NotInstalled);
+    install::install(&b.db, &Catalogue::product_management(), true).await?;
+    let meta = b.db.meta().await?;
+    assert_eq!(
+        database(&b.config).await?,
+        DatabaseState::Installed {
+            instance_id: meta.instance_id
+        }
+    );
+    // A SQLite file that does not exist is not created by the check.
+    let mut gone = b.config.clone();
+    let missing = b.dir.path().join("nowhere").join("pm.db");
+    gone.database_url = format!("sqlite://{}", missing.display());
+    let st = database(&gone).await?;
+    assert!(!st.reachable(), "{st:?}");
+    assert!(
+        st.line().starts_with("database: NOT reachable"),
+        "{}",
+        st.line()
+    );
+    assert!(!missing.exists());
+
+    // The command: reported, exit 0; with --require-database, exit 1.
+    let path = b.dir.path().join("gone.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "location = \"b01\"\ndatabase_url = {:?}\ntoken_file = {:?}\n",
+            gone.database_url,
+            b.config.token_file.display().to_string()
+        ),
+    )?;
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_branch-listener"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .args(extra)
+            .env_remove("BRANCH_LISTENER_CONFIG")
+            .output()
+    };
+    let out = run(&[])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("database: NOT reachable"), "{stdout}");
+    let out = run(&["--require-database"])?;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }

@@ -64,6 +64,12 @@ pub struct Config {
     /// Largest listener response accepted (bytes, decompressed).
     #[serde(default = "crate::transport::default_max_response_bytes")]
     pub max_response_bytes: u64,
+    /// Serves the read-only dashboard and `/api/status` when set (loopback only unless
+    /// `admin_allow_remote`).
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub admin_allow_remote: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -177,6 +183,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub locations: Vec<Location>,
     pub snapshot_page_rows: u32,
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -355,6 +362,10 @@ impl Config {
         if self.max_response_bytes < 1024 {
             problems.push("max_response_bytes: must be at least 1024".into());
         }
+        problems.extend(crate::dashboard::check_listen(
+            self.admin_listen,
+            self.admin_allow_remote,
+        ));
         if !problems.is_empty() {
             return Err(Error::Config(problems.join("\n")));
         }
@@ -368,6 +379,7 @@ impl Config {
             log_format: self.log_format,
             locations,
             snapshot_page_rows: self.snapshot_page_rows,
+            admin_listen: self.admin_listen,
         })
     }
 }

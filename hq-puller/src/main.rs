@@ -49,7 +49,11 @@ enum Command {
     /// Clear a `paused` or `needs_resync` state after the cause was fixed.
     Resume { location: String },
     /// Validate the configuration and print each location's next three run times.
-    CheckConfig,
+    CheckConfig {
+        /// Exit 1 when the HQ database is not reachable (otherwise it is only reported).
+        #[arg(long)]
+        require_database: bool,
+    },
     /// Reload a location from a branch snapshot (after needs_resync): staged, then
     /// switched in one transaction; streaming continues from the snapshot.
     Resync { location: String },
@@ -104,7 +108,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, Error> {
     match cmd {
-        Command::CheckConfig => {
+        Command::CheckConfig { require_database } => {
             let now = chrono::Utc::now();
             println!(
                 "configuration ok: {} locations, catalogue of {} tables",
@@ -125,7 +129,13 @@ async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, 
                 };
                 println!("{:<12} {:<24} {}  next: {}", l.id, l.schedule, l.url, when);
             }
-            Ok(ExitCode::SUCCESS)
+            let db = hq_puller::preflight::database(&settings).await;
+            println!("{}", db.line());
+            Ok(if require_database && !db.reachable() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Run => {
             let shutdown = CancellationToken::new();

@@ -90,6 +90,7 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
                 if o == outcome::OK && totals.batches == 0 {
                     // A caught-up run also clears a `failing` state.
                     store::clear_failing(&app.pool, &loc.id).await?;
+                    m::caught_up(&loc.id);
                 }
                 m::set_state(&loc.id, state::OK);
                 (o, None)
@@ -126,6 +127,7 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
         if loc.auto_resync && err.as_ref().is_some_and(|(_, k)| *k == ErrorKind::NeedsResync) {
             auto_resync(app, &loc).await?;
         }
+        crate::dashboard::samples::record(&app.pool, &loc.id).await?;
         Ok(RunReport {
             location: loc.id.clone(),
             run_id: Some(run_id),
@@ -230,10 +232,12 @@ async fn step(
         return Ok(Step::CaughtUp);
     }
     let after_tick = pos.cursor.map(|c| c.tick).unwrap_or(0);
+    // Every line about this batch carries its range (inside the run's span).
+    let span = tracing::info_span!("batch", from = after_tick, to = resp.next.tick, changes = n);
     // File contents are downloaded and verified before the transaction; abandoned on
     // shutdown (partial downloads are resumed next time).
     let files = tokio::select! {
-        r = crate::files::prepare(app, &loc.id, &checked.files) => r?,
+        r = crate::files::prepare(app, &loc.id, &checked.files).instrument(span.clone()) => r?,
         _ = app.shutdown.cancelled() => return Ok(Step::Interrupted),
     };
     let t1 = Instant::now();
@@ -247,7 +251,9 @@ async fn step(
         &checked,
         &files,
     )
+    .instrument(span.clone())
     .await?;
+    let _batch = span.enter();
     metrics::histogram!(m::APPLY_DURATION, "location" => loc.id.clone())
         .record(t1.elapsed().as_secs_f64());
     let Applied::Committed { rows } = applied else {

@@ -15,7 +15,7 @@
 use crate::config::Location;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::{metrics as m, App};
+use crate::App;
 use schemas::canonical::{canonical_row, CanonicalRow, RowHasher, Zone};
 use schemas::catalogue::Table;
 use schemas::sql::{hq, snapshot};
@@ -415,8 +415,6 @@ async fn verify_table(
             "differences found, re-checking after HQ catches up"
         );
     }
-    metrics::gauge!(m::VERIFY_DIFFERENCES, "location" => loc.id.clone(), "table" => table.name.clone())
-        .set(res.differences() as f64);
     Ok(res)
 }
 

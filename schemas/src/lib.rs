@@ -12,6 +12,7 @@
 //!   constant time, never printed.
 //! - [`canonical`]: canonical values and row hashes (verify, the test oracle).
 //! - [`telemetry`]: tracing set-up shared by both binaries.
+//! - [`systemd`]: `READY=1` / `STOPPING=1` notifications (`Type=notify`).
 
 pub mod canonical;
 pub mod catalogue;
@@ -20,6 +21,7 @@ pub mod files;
 pub mod migrations;
 pub mod secret;
 pub mod sql;
+pub mod systemd;
 pub mod telemetry;
 pub mod wire;
 

@@ -8,11 +8,13 @@
 //! - [`process`]: spawning, waiting for, signalling and restarting real processes.
 //! - [`proxy`]: a TCP fault proxy (refuse, reset, stall, truncate, throttle, flap).
 //! - [`rig`]: a fault-test installation (branches behind proxies, HQ, workload).
+//! - [`docs`]: the public interface derived from the code, checked against the docs.
 //! - [`fleet`]: branches (database + `branch-listener`) and HQ (`hq-puller`) as test objects.
 
 pub mod bench;
 pub mod compare;
 pub mod db;
+pub mod docs;
 pub mod fleet;
 pub mod pg;
 pub mod process;

@@ -1,6 +1,7 @@
 //! Integration tests of hq-puller against a real PostgreSQL (tests::pg) and fake
 //! listeners (fake.rs).
 
+mod docs_coverage;
 mod fake;
 mod files;
 mod fuzz;
@@ -805,6 +806,13 @@ fn check_config_names_each_problem() {
             "unreadable: Is a directory",
         ),
         (format!("{head}{}", loc("b01", "", &open)), "chmod 600"),
+        (
+            format!(
+                "{head}admin_listen = \"0.0.0.0:9465\"\n{}",
+                loc("b01", "", &good)
+            ),
+            "admin_allow_remote = true",
+        ),
         (format!("{head}{}", loc("B 01", "", &good)), "id must match"),
         (
             format!("{head}{}", loc("b01", "", &good)).replace("http://127.0.0.1:7070", "ftp://x"),
@@ -1188,4 +1196,55 @@ async fn status_json_lists_every_location() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(loc_row(hq.pool(), "s_bad").await.0, "ok");
+}
+
+#[tokio::test]
+async fn check_config_reports_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path(), "t", 0o600);
+    let url = tests::pg::fresh_database("hq_check").await.unwrap();
+    let write = |db: &str| {
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "database_url = {db:?}\n[[locations]]\nid = \"b01\"\nurl = \"http://127.0.0.1:7070\"\ntoken_file = {:?}\n",
+                token.display().to_string()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let run = |p: &Path, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hq-puller"))
+            .args(args)
+            .arg("--config")
+            .arg(p)
+            .env_remove("HQ_PULLER_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let good = write(&url);
+    let (code, out) = run(&good, &["check-config", "--require-database"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("database: reachable,") && out.contains("migrations pending"),
+        "{out}"
+    );
+    let (code, out) = run(&good, &["migrate"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = run(&good, &["check-config"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("database: reachable, migrated"), "{out}");
+    // Nothing listens on port 1: reported, and an error only when required.
+    let bad = write("postgres://hq@127.0.0.1:1/hq");
+    let (code, out) = run(&bad, &["check-config"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("database: NOT reachable"), "{out}");
+    let (code, _) = run(&bad, &["check-config", "--require-database"]);
+    assert_eq!(code, 1);
 }
