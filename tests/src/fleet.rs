@@ -281,6 +281,8 @@ pub struct HqOptions {
     pub run_budget: String,
     pub request_timeout: String,
     pub batch_limit: u32,
+    /// Every location's `mode`: `schedule` or `stream`.
+    pub mode: String,
 }
 
 impl Default for HqOptions {
@@ -291,6 +293,7 @@ impl Default for HqOptions {
             run_budget: "20s".into(),
             request_timeout: "5s".into(),
             batch_limit: 5000,
+            mode: "schedule".into(),
         }
     }
 }
@@ -325,7 +328,8 @@ impl Hq {
         );
         for b in branches {
             text.push_str(&format!(
-                "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {url:?}\ntoken_file = {tf:?}\n",
+                "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {url:?}\ntoken_file = {tf:?}\nmode = {mode:?}\n",
+                mode = opts.mode,
                 id = b.location,
                 name = format!("Branch {}", b.location),
                 url = b.url(),

@@ -7,11 +7,13 @@
 //! - [`compare`]: the oracle: one location at HQ against its branch database.
 //! - [`process`]: spawning, waiting for, signalling and restarting real processes.
 //! - [`fleet`]: branches (database + `branch-listener`) and HQ (`hq-puller`) as test objects.
+//! - [`peers`]: the peers benchmarks compare with (PostgreSQL logical replication).
 
 pub mod bench;
 pub mod compare;
 pub mod db;
 pub mod fleet;
+pub mod peers;
 pub mod pg;
 pub mod process;
 pub mod workload;
