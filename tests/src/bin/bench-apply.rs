@@ -52,6 +52,9 @@ struct Args {
     /// Measure only the peers (logical replication, COPY).
     #[arg(long)]
     peers_only: bool,
+    /// How long the idle service runs before its RSS is read, seconds.
+    #[arg(long, default_value_t = 25)]
+    idle_seconds: u64,
 }
 
 /// W's shape for `changes` row changes: (inserts, updates, deletes).
@@ -271,7 +274,7 @@ async fn run_ours(args: &Args) -> Result<Ours> {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()?;
-    tokio::time::sleep(Duration::from_secs(25)).await; // measurement window, not synchronization
+    tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await; // measurement window, not synchronization
     let idle = rss_kib(svc.id()).unwrap_or(0);
     let _ = svc.kill();
     let _ = svc.wait();
