@@ -220,7 +220,13 @@ struct Ours {
 
 async fn run_ours(args: &Args) -> Result<Ours> {
     let hq_url = tests::pg::fresh_database("bench_apply_hq").await?;
-    let b = prepare_ours(args, &hq_url).await?;
+    let r = run_ours_on(args, &hq_url).await;
+    tests::pg::drop_database(&hq_url).await?;
+    r
+}
+
+async fn run_ours_on(args: &Args, hq_url: &str) -> Result<Ours> {
+    let b = prepare_ours(args, hq_url).await?;
     let puller = bin_dir(args).join("hq-puller");
     let st = Command::new(&puller)
         .args(["migrate", "--config"])
@@ -253,7 +259,7 @@ async fn run_ours(args: &Args) -> Result<Ours> {
         bail!("hq-puller pull --all failed");
     }
     // Sanity: HQ holds W's end state.
-    let mut hq = PgConnection::connect(&hq_url).await?;
+    let mut hq = PgConnection::connect(hq_url).await?;
     let (ins, _, del) = shape(args.changes);
     let live: i64 = sqlx::query_scalar("SELECT count(*) FROM hq.products_live")
         .fetch_one(&mut hq)
@@ -339,6 +345,8 @@ async fn run_logical(args: &Args) -> Result<f64> {
         );
     }
     lr.drop_all().await?;
+    tests::pg::drop_database(&src_url).await?;
+    tests::pg::drop_database(&dst_url).await?;
     Ok(secs)
 }
 
@@ -364,7 +372,10 @@ async fn run_copy(args: &Args) -> Result<(f64, u64)> {
     let mut copy = c.copy_in_raw("COPY products FROM STDIN").await?;
     copy.send(data.as_bytes()).await?;
     copy.finish().await?;
-    Ok((t0.elapsed().as_secs_f64(), ins))
+    let secs = t0.elapsed().as_secs_f64();
+    c.close().await?;
+    tests::pg::drop_database(&url).await?;
+    Ok((secs, ins))
 }
 
 #[tokio::main]
