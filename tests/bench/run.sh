@@ -105,6 +105,7 @@ for entry in "${benches[@]}"; do
   if [ "$quick" = 1 ]; then args=$quick_args; else args=$full_args; fi
   echo "==> bench-$name $args"
   t0=$(date +%s)
+  load0=$(cut -d' ' -f1 /proc/loadavg)
   set +e
   # shellcheck disable=SC2086
   "$bin" $args >"$work/$name.out" 2> >(tee "$work/$name.err" >&2)
@@ -114,7 +115,9 @@ for entry in "${benches[@]}"; do
   grep -v '^BENCH ' "$work/$name.out" || true
   {
     printf '## %s (`bench-%s`)\n\n' "${what^}" "$name"
-    printf 'Command: `%s %s` (%s s).\n\n' "target/$( [ "$quick" = 1 ] && echo debug || echo release )/bench-$name" "$args" "$secs"
+    printf 'Command: `%s %s` (%s s; 1-minute load average %s at the start, %s at the end, on %s cores).\n\n' \
+      "target/$( [ "$quick" = 1 ] && echo debug || echo release )/bench-$name" "$args" "$secs" \
+      "$load0" "$(cut -d' ' -f1 /proc/loadavg)" "$(nproc)"
     # A blank line around each table, so that markdown renders it.
     grep -v '^BENCH ' "$work/$name.out" | sed '/^reproduce:/d' \
       | awk '{ t = ($0 ~ /^\|/); if (NR > 1 && t != pt) print ""; print; pt = t }' || true
