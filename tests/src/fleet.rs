@@ -362,6 +362,8 @@ pub struct HqOptions {
     pub batch_limit: u32,
     /// Extra top-level TOML lines (default: `allow_plain_http = true`).
     pub extra: String,
+    /// Every location's `mode`: `schedule` or `stream`.
+    pub mode: String,
 }
 
 impl Default for HqOptions {
@@ -373,6 +375,7 @@ impl Default for HqOptions {
             request_timeout: "5s".into(),
             batch_limit: 5000,
             extra: "allow_plain_http = true\n".into(),
+            mode: "schedule".into(),
         }
     }
 }
@@ -408,7 +411,8 @@ impl Hq {
         );
         for b in branches {
             text.push_str(&format!(
-                "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {url:?}\ntoken_file = {tf:?}\n",
+                "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {url:?}\ntoken_file = {tf:?}\nmode = {mode:?}\n",
+                mode = opts.mode,
                 id = b.location,
                 name = format!("Branch {}", b.location),
                 url = b.hq_url.clone().unwrap_or_else(|| b.url()),
