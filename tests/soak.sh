@@ -4,7 +4,10 @@
 # hq-puller); at the end every location is compared with its branch.
 #
 #   tests/soak.sh [--duration 10m] [--branches 46] [--rate 150] [--products 30]
-#                 [--fault-every 3s] [--hq-kills-per-minute 20] [--seed 1] [--release]
+#                 [--fault-every 3s] [--hq-kills-per-minute 20] [--seed 1] [--tls] [--release]
+#
+# --tls: the listeners serve HTTPS with certificates of a private CA
+# (deploy/make-test-ca.sh) and HQ trusts only that CA.
 #
 # Builds the binaries (debug, or --release), starts the throwaway PostgreSQL
 # (tests/pg.sh), runs the `soak` binary (tests/src/bin/soak.rs) and prints its report:

@@ -207,3 +207,46 @@ mod tests {
         assert!(e.contains("missing.pem"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use crate::Config;
+    use figment::providers::{Format, Toml};
+    use figment::Figment;
+
+    #[test]
+    fn cert_and_key_go_together() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let token = d.path().join("token");
+        std::fs::write(&token, "test-token-0123456789\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let base = format!(
+            "location = \"b01\"\ndatabase_url = \"sqlite:///tmp/x.db\"\ntoken_file = {:?}\n",
+            token.display().to_string()
+        );
+        for (extra, key) in [
+            ("tls_cert_file = \"/x.pem\"\n", "`tls_key_file`"),
+            ("tls_key_file = \"/x.key\"\n", "`tls_cert_file`"),
+            (
+                "tls_cert_file = \"/nope.pem\"\ntls_key_file = \"/nope.key\"\n",
+                "`tls_cert_file`",
+            ),
+            (
+                "rate_limit_per_second = 5\nrate_limit_burst = 0\n",
+                "`rate_limit_burst`",
+            ),
+            ("max_concurrent_requests = 0\n", "`max_concurrent_requests`"),
+        ] {
+            let e = Config::from_figment(Figment::from(Toml::string(&format!("{base}{extra}"))))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        assert!(Config::from_figment(Figment::from(Toml::string(&base)))
+            .unwrap()
+            .tls()
+            .unwrap()
+            .is_none());
+    }
+}

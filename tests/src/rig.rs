@@ -24,6 +24,9 @@ pub struct RigOptions {
     pub tick_interval: String,
     /// HQ's database (default: a fresh database of the shared test cluster).
     pub hq_database_url: Option<String>,
+    /// Listeners serve HTTPS with certificates of one private CA (`make-test-ca.sh`);
+    /// HQ trusts only that CA and plain HTTP is not allowed.
+    pub tls: bool,
 }
 
 impl Default for RigOptions {
@@ -36,6 +39,7 @@ impl Default for RigOptions {
             hq: HqOptions::default(),
             tick_interval: "500ms".into(),
             hq_database_url: None,
+            tls: false,
         }
     }
 }
@@ -55,6 +59,15 @@ impl Rig {
         let dir = tempfile::tempdir()?;
         let total = opts.sqlite + opts.postgres;
         let mut branches = Vec::with_capacity(total);
+        let tls = if opts.tls {
+            Some(crate::fleet::TlsFiles::make(&dir.path().join("ca"))?)
+        } else {
+            None
+        };
+        let mut hq_opts = opts.hq.clone();
+        if let Some(t) = &tls {
+            hq_opts.extra = format!("ca_file = {:?}\n", t.ca.display().to_string());
+        }
         for i in 0..total {
             let location = format!("b{:02}", i + 1);
             let url = if i < opts.sqlite {
@@ -67,6 +80,7 @@ impl Rig {
             };
             let bo = BranchOptions {
                 tick_interval: opts.tick_interval.clone(),
+                tls: tls.clone(),
                 ..BranchOptions::default()
             };
             branches.push(BranchNode::new(dir.path(), &location, &url, &bo)?);
@@ -93,7 +107,7 @@ impl Rig {
             None => crate::pg::fresh_database("rig_hq").await?,
         };
         let refs: Vec<&BranchNode> = branches.iter().collect();
-        let mut hq = Hq::new(dir.path(), &hq_url, &opts.hq, &refs).await?;
+        let mut hq = Hq::new(dir.path(), &hq_url, &hq_opts, &refs).await?;
         hq.migrate().await?;
         hq.start()?;
         Ok(Rig {

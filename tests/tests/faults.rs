@@ -304,3 +304,49 @@ async fn hq_database_crashing_mid_transaction_and_listener_killed_mid_response()
     assert!(rig.assert_equal().await? > 0);
     rig.shutdown().await
 }
+
+/// The same faults over HTTPS (the proxy cuts TLS records): a reset and a truncation
+/// mid-stream fail the pull without applying anything, a stall fires the timeout, and
+/// the location recovers by itself; HQ equals the branch at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_link_faults_heal_without_loss() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut rig = Rig::new(RigOptions {
+        sqlite: 1,
+        proxied: 1,
+        products: 40,
+        hq: quick_hq(),
+        tls: true,
+        ..RigOptions::default()
+    })
+    .await?;
+    assert!(rig.branches[0].url().starts_with("https://"));
+    let writers = rig.start_writers(20.0, 3);
+    for mode in [
+        Mode::ResetAfter(700),
+        Mode::TruncateAfter(700),
+        Mode::StallAfter(0),
+    ] {
+        let proxy = &rig.proxies[0];
+        let fired_before = proxy.fault_count(mode.kind());
+        proxy.set(mode);
+        let hq = &rig.hq;
+        wait_for(
+            &format!("HQ to report b01 failing under {mode:?} over TLS"),
+            Duration::from_secs(40),
+            || async {
+                let (s, _) = state(hq, "b01").await?;
+                Ok((s == "failing" && proxy.fault_count(mode.kind()) > fired_before).then_some(()))
+            },
+        )
+        .await
+        .with_context(|| hq.log_tail(30))?;
+        proxy.set(Mode::Pass);
+        let from = tick(hq, "b01").await?;
+        recovered(hq, "b01", from, mode.kind()).await?;
+    }
+    writers.finish().await?;
+    rig.wait_caught_up(Duration::from_secs(60)).await?;
+    assert!(rig.assert_equal().await? > 0);
+    rig.shutdown().await
+}

@@ -429,16 +429,6 @@ async fn hostile_batches_pause_only_their_location() {
             ),
             "duplicate seq 2",
         ),
-        (
-            mk(
-                "h_order",
-                vec![
-                    ch(3, "inventory", "D", &pk(1), None),
-                    ch(2, "inventory", "D", &pk(2), None),
-                ],
-            ),
-            "seq not increasing",
-        ),
         (tampered_loc, "batch is for location \"zz\""),
         (backwards, "cursor goes backwards"),
     ];

@@ -1,7 +1,7 @@
 //! soak: the reliability soak (run by `tests/soak.sh`, not by the suite).
 //!
 //!     soak [--branches 46] [--duration 10m] [--rate 150] [--products 30]
-//!          [--fault-every 3s] [--hq-kills-per-minute 20] [--seed 1]
+//!          [--fault-every 3s] [--hq-kills-per-minute 20] [--seed 1] [--tls]
 //!
 //! 46 SQLite branches (fleet fixtures: real `branch-listener` processes, each behind a
 //! fault proxy) write the product-management workload (pm-sim's) while `hq-puller run`
@@ -48,6 +48,9 @@ struct Args {
     hq_kills_per_minute: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// HTTPS between HQ and the listeners (a private CA made by deploy/make-test-ca.sh).
+    #[arg(long)]
+    tls: bool,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -70,6 +73,7 @@ async fn main() -> Result<()> {
         },
         tick_interval: "1s".into(),
         hq_database_url: None,
+        tls: args.tls,
     })
     .await?;
     eprintln!(
@@ -205,9 +209,14 @@ async fn main() -> Result<()> {
     let total: u64 = all.values().sum();
     let total_injected: u64 = injected.values().sum::<u64>() + kills.values().sum::<u64>();
     println!(
-        "soak: {} branches, {:?} of writes with faults",
+        "soak: {} branches, {:?} of writes with faults, {}",
         rig.branches.len(),
-        args.duration
+        args.duration,
+        if args.tls {
+            "HTTPS (private CA)"
+        } else {
+            "plain HTTP"
+        }
     );
     println!(
         "  workload: {} transactions, {:?} ops, {} retries, {} errors",
