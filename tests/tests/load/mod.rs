@@ -196,7 +196,12 @@ async fn verify_names_changed_missing_and_extra_rows_and_resync_repairs() -> Res
     ] {
         sqlx::query(&s).execute(&w.hq.pool).await?;
     }
-    let (code, out, err) = hq_exec(&w.hq, &["verify", "b01", "--settle", "5s"]).await?;
+    // Chunks of 100 rows: the differences sit in a few chunks among many equal ones.
+    let (code, out, err) = hq_exec(
+        &w.hq,
+        &["verify", "b01", "--settle", "5s", "--chunk-rows", "100"],
+    )
+    .await?;
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(
         out.contains(&format!("changed product_id={p1}: unit_price")),
