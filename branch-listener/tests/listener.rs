@@ -1742,6 +1742,11 @@ async fn snapshot_pages_and_checksums(backend: Backend) -> Result<()> {
         let e: ErrorBody = serde_json::from_str(&body)?;
         assert!(e.error.message.contains(names), "{path}: {body}");
     }
+    let (_, metrics) = server.get("/metrics", Some(TOKEN)).await?;
+    assert!(
+        metrics.contains("branch_listener_snapshot_rows_total"),
+        "{metrics}"
+    );
     for path in [
         "/v1/snapshot/start",
         "/v1/snapshot?table=products",

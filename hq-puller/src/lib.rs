@@ -64,7 +64,8 @@ pub struct App {
 impl App {
     pub async fn connect(settings: Settings, shutdown: CancellationToken) -> Result<Arc<App>> {
         let pool = PgPoolOptions::new()
-            .max_connections((settings.max_concurrent_pulls + 4) as u32)
+            // Loads insert a page while committing the previous one: two per pull.
+            .max_connections((settings.max_concurrent_pulls * 2 + 4) as u32)
             .acquire_timeout(Duration::from_secs(10))
             .connect(&settings.database_url)
             .await?;

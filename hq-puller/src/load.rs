@@ -30,6 +30,7 @@ use schemas::sql::{hq, snapshot};
 use schemas::wire::SnapshotPage;
 use schemas::Cursor;
 use sqlx::PgPool;
+use std::collections::VecDeque;
 use uuid::Uuid;
 
 /// `sync.loads.kind`.
@@ -429,45 +430,88 @@ async fn load_pages(
         let mut next = Some(tokio::spawn(fetch(
             client.clone(),
             table.name.clone(),
-            after.clone(),
+            after.take(),
             page_rows,
         )));
-        while let Some(task) = next.take() {
-            let (page, _bytes) = task
-                .await
-                .map_err(|e| Error::Other(format!("snapshot fetch task: {e}")))??;
-            check_page(&page, loc, row, table)?;
-            let next_after = page.next_after.as_ref().map(|k| k.get().to_string());
-            if let Some(a) = &next_after {
-                next = Some(tokio::spawn(fetch(
-                    client.clone(),
-                    table.name.clone(),
-                    Some(a.clone()),
-                    page_rows,
-                )));
-            }
-            let n = page.rows.len() as u64;
-            let applied =
-                apply_page(app, loc, row, table, &upsert, &page, next_after.as_deref()).await;
-            if let Err(e) = applied {
-                if let Some(t) = next.take() {
-                    t.abort();
+        // Pages in flight: their rows are being inserted, each in its own open
+        // transaction; they commit strictly in page order, each with the progress up to
+        // its own last key, so a crash never records a page whose predecessors are not
+        // committed.
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        loop {
+            let fetched = match next.take() {
+                Some(task) => Some(
+                    task.await
+                        .map_err(|e| Error::Other(format!("snapshot fetch task: {e}")))
+                        .and_then(|r| r)
+                        .and_then(|(page, _bytes)| {
+                            check_page(&page, loc, row, table)?;
+                            Ok(page)
+                        }),
+                ),
+                None => None,
+            };
+            match fetched {
+                Some(Ok(page)) => {
+                    let next_after = page.next_after.as_ref().map(|k| k.get().to_string());
+                    if let Some(a) = &next_after {
+                        next = Some(tokio::spawn(fetch(
+                            client.clone(),
+                            table.name.clone(),
+                            Some(a.clone()),
+                            page_rows,
+                        )));
+                    }
+                    let rows = page.rows.len() as u64;
+                    let json = (!page.rows.is_empty()).then(|| {
+                        crate::apply::images_json(page.rows.iter().map(|r| (r.get(), 0, false)))
+                    });
+                    inflight.push_back(InFlight {
+                        insert: tokio::spawn(insert_page(
+                            app.pool.clone(),
+                            row.time_zone.clone(),
+                            upsert.clone(),
+                            loc.id.clone(),
+                            table.name.clone(),
+                            json,
+                        )),
+                        rows,
+                        next_after,
+                    });
                 }
-                return Err(e);
-            }
-            metrics::counter!(m::LOADED_ROWS, "location" => loc.id.clone()).increment(n);
-            progress.inc(n, &table.name);
-            after = next_after;
-            if app.shutdown.is_cancelled() {
-                if let Some(t) = next.take() {
-                    t.abort();
+                Some(Err(e)) => {
+                    abort_all(&mut next, &mut inflight);
+                    return Err(e);
                 }
-                progress.finish();
-                tracing::info!(location = %loc.id, table = %table.name, "load interrupted by shutdown, resumes at the next run");
-                return Ok(None);
+                None => {}
+            }
+            let drain_all = next.is_none();
+            while inflight.len() >= PAGES_IN_FLIGHT || (drain_all && !inflight.is_empty()) {
+                let f = inflight.pop_front().expect("not empty");
+                let committed = match f.insert.await {
+                    Ok(Ok(tx)) => {
+                        commit_page(app, loc, row, table, tx, f.rows, f.next_after.as_deref()).await
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(Error::Other(format!("snapshot insert task: {e}"))),
+                };
+                if let Err(e) = committed {
+                    abort_all(&mut next, &mut inflight);
+                    return Err(e);
+                }
+                metrics::counter!(m::LOADED_ROWS, "location" => loc.id.clone()).increment(f.rows);
+                progress.inc(f.rows, &table.name);
+                if app.shutdown.is_cancelled() {
+                    abort_all(&mut next, &mut inflight);
+                    progress.finish();
+                    tracing::info!(location = %loc.id, table = %table.name, "load interrupted by shutdown, resumes at the next run");
+                    return Ok(None);
+                }
+            }
+            if next.is_none() && inflight.is_empty() {
+                break;
             }
         }
-        let _ = after;
     }
     progress.finish();
     tracing::info!(
@@ -506,42 +550,76 @@ fn check_page(page: &SnapshotPage, loc: &Location, row: &LoadRow, table: &Table)
     Ok(())
 }
 
-/// One page in one transaction with the load's progress.
-async fn apply_page(
-    app: &App,
-    loc: &Location,
-    row: &LoadRow,
-    table: &Table,
-    upsert: &str,
-    page: &SnapshotPage,
-    next_after: Option<&str>,
-) -> Result<()> {
-    let mut tx = app.pool.begin().await?;
+/// Pages whose rows are inserted concurrently (each in its own transaction) while the
+/// oldest one commits.
+const PAGES_IN_FLIGHT: usize = 2;
+
+/// A page being inserted.
+struct InFlight {
+    insert: tokio::task::JoinHandle<Result<sqlx::Transaction<'static, sqlx::Postgres>>>,
+    rows: u64,
+    next_after: Option<String>,
+}
+
+fn abort_all(
+    next: &mut Option<tokio::task::JoinHandle<Result<(SnapshotPage, u64)>>>,
+    inflight: &mut VecDeque<InFlight>,
+) {
+    if let Some(t) = next.take() {
+        t.abort();
+    }
+    // Aborted inserts drop their transactions: rolled back.
+    for f in inflight.drain(..) {
+        f.insert.abort();
+    }
+}
+
+/// Inserts one page's rows in a new transaction, left open for [`commit_page`].
+async fn insert_page(
+    pool: PgPool,
+    time_zone: String,
+    upsert: String,
+    location: String,
+    table: String,
+    json: Option<String>,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('TimeZone', $1, true)")
-        .bind(&row.time_zone)
+        .bind(&time_zone)
         .execute(&mut *tx)
         .await
         .map_err(|e| {
             Error::permanent(format!(
-                "branch time_zone {:?} is not a zone PostgreSQL knows: {e}",
-                row.time_zone
+                "branch time_zone {time_zone:?} is not a zone PostgreSQL knows: {e}"
             ))
         })?;
-    if !page.rows.is_empty() {
-        let json = crate::apply::images_json(page.rows.iter().map(|r| (r.get(), 0, false)));
-        sqlx::query(upsert)
+    if let Some(json) = json {
+        sqlx::query(&upsert)
             .bind(&json)
-            .bind(&loc.id)
+            .bind(&location)
             .execute(&mut *tx)
             .await
             .map_err(|e| {
-                let msg = format!("loading table {}: {e}", table.name);
+                let msg = format!("loading table {table}: {e}");
                 match crate::error::db_error_kind(&e) {
                     crate::ErrorKind::Transient => Error::transient(msg),
                     _ => Error::permanent(msg),
                 }
             })?;
     }
+    Ok(tx)
+}
+
+/// Records the progress up to this page's last key and commits its transaction.
+async fn commit_page(
+    app: &App,
+    loc: &Location,
+    row: &LoadRow,
+    table: &Table,
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    rows: u64,
+    next_after: Option<&str>,
+) -> Result<()> {
     // Done with this table: the next one starts at its beginning.
     let (tname, key) = match next_after {
         Some(k) => (Some(table.name.as_str()), Some(k)),
@@ -562,7 +640,7 @@ async fn apply_page(
     .bind(row.start.to_string())
     .bind(tname.unwrap_or("(done)"))
     .bind(key)
-    .bind(page.rows.len() as i64)
+    .bind(rows as i64)
     .execute(&mut *tx)
     .await?;
     if r.rows_affected() != 1 {

@@ -307,7 +307,11 @@ async fn hq_cursor(app: &App, location: &str) -> Result<Option<Cursor>> {
 async fn wait_for_hq(app: &App, location: &str, head: &Cursor, deadline: Instant) -> Result<bool> {
     loop {
         if let Some(c) = hq_cursor(app, location).await? {
-            if c.instance_id == head.instance_id && c.tick >= head.tick {
+            if c.instance_id != head.instance_id {
+                // Another pull-area instance: HQ will not catch up without a resync.
+                return Ok(false);
+            }
+            if c.tick >= head.tick {
                 return Ok(true);
             }
         }
@@ -336,7 +340,7 @@ async fn verify_table(
     let mut zone: Zone;
     let mut time_zone: String;
     let per_request =
-        (schemas::wire::MAX_CHECKSUM_ROWS / u64::from(opts.chunk_rows.max(1))).clamp(1, 100) as u32;
+        (schemas::wire::MAX_CHECKSUM_ROWS / u64::from(opts.chunk_rows.max(1))).clamp(1, 20) as u32;
     loop {
         let resp = client
             .checksums(&table.name, after.as_deref(), opts.chunk_rows, per_request)

@@ -78,7 +78,8 @@ impl Drop for Branch {
     }
 }
 
-async fn prepare_branch(args: &Args, bins: &Path) -> Result<Branch> {
+/// The branch database with `rows` products (no pull area yet).
+async fn populate_branch(args: &Args) -> Result<String> {
     let url = tests::pg::fresh_database("bench_load_branch").await?;
     let mut c = PgConnection::connect(&url).await?;
     for s in schemas::sql::postgres::create_demo_schema(&schemas::Catalogue::product_management()) {
@@ -98,6 +99,11 @@ async fn prepare_branch(args: &Args, bins: &Path) -> Result<Branch> {
         .execute(&mut c)
         .await?;
     c.close().await?;
+    Ok(url)
+}
+
+/// Installs the pull area into the branch database and serves it.
+async fn install_and_serve(url: String, bins: &Path) -> Result<Branch> {
     let dir = tempfile::tempdir()?;
     let token = "bench-load-token-0123456789abcdef";
     let token_file = dir.path().join("token");
@@ -236,9 +242,10 @@ async fn main() -> Result<()> {
     let mut verifies = Vec::new();
     let mut writer_ops = 0;
     for rep in 0..args.reps {
-        let b = prepare_branch(&args, &bins).await?;
+        let branch_url = populate_branch(&args).await?;
 
-        // pg_dump | psql of the same table between the same servers.
+        // pg_dump | psql of the same table between the same servers (before the pull
+        // area is installed: the dump would carry the capture trigger).
         let target = tests::pg::fresh_database("bench_load_dump").await?;
         let t0 = Instant::now();
         let st = Command::new("sh")
@@ -246,7 +253,7 @@ async fn main() -> Result<()> {
             .arg(format!(
                 "'{}' -t public.products '{}' | '{}' -q -v ON_ERROR_STOP=1 '{}' >/dev/null",
                 pg_dump.display(),
-                b.url,
+                branch_url,
                 psql.display(),
                 target
             ))
@@ -255,6 +262,7 @@ async fn main() -> Result<()> {
             bail!("pg_dump | psql failed");
         }
         let dump_s = t0.elapsed().as_secs_f64();
+        let b = install_and_serve(branch_url, &bins).await?;
 
         // Ours (with writers when asked).
         let hq_url = tests::pg::fresh_database("bench_load_hq").await?;

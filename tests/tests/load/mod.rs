@@ -196,7 +196,12 @@ async fn verify_names_changed_missing_and_extra_rows_and_resync_repairs() -> Res
     ] {
         sqlx::query(&s).execute(&w.hq.pool).await?;
     }
-    let (code, out, err) = hq_exec(&w.hq, &["verify", "b01", "--settle", "5s"]).await?;
+    // Chunks of 100 rows: the differences sit in a few chunks among many equal ones.
+    let (code, out, err) = hq_exec(
+        &w.hq,
+        &["verify", "b01", "--settle", "5s", "--chunk-rows", "100"],
+    )
+    .await?;
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(
         out.contains(&format!("changed product_id={p1}: unit_price")),
@@ -444,6 +449,59 @@ async fn kill_9_during_initial_load_resumes_and_ends_equal() -> Result<()> {
         "{}",
         w.hq.log_tail(40)
     );
+    verify_equal(&w.hq).await?;
+    w.shutdown().await
+}
+
+/// `auto_resync = true`: a branch restored from an older backup is detected and the
+/// service resyncs it by itself; HQ ends equal to the restored branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_resync_repairs_a_restored_branch_without_an_operator() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut w = world(Layout {
+        sqlite: 1,
+        postgres: 0,
+        products: 200,
+        zones: vec!["UTC"],
+        hq: HqOptions::default(),
+    })
+    .await?;
+    w.wait_caught_up(Duration::from_secs(60)).await?;
+    w.hq.stop().await?;
+    // The last `[[locations]]` table is b01's.
+    let text = std::fs::read_to_string(&w.hq.config)?;
+    std::fs::write(&w.hq.config, format!("{text}auto_resync = true\n"))?;
+    w.hq.start()?;
+    let backup = w._dir.0.as_ref().unwrap().path().join("b01-backup.db");
+    w.sims[0]
+        .db
+        .batch(&[format!("VACUUM INTO '{}'", backup.display())])
+        .await?;
+    start_writers_with(&w.sims, 200.0, Until::Ops(200), 9, 1)
+        .wait()
+        .await?;
+    w.wait_caught_up(Duration::from_secs(60)).await?;
+    w.sims[0].db.close().await;
+    w.branches[0].stop().await?;
+    replace_db(&w.branches[0], &backup)?;
+    w.branches[0].start().await?;
+    let hq = &w.hq;
+    // The reset is recorded (a `needs_resync` run), then the service's own resync run
+    // (no batches, the snapshot's rows) switches the location back to `ok`.
+    wait_for("the automatic resync", Duration::from_secs(60), || async {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sync.locations l WHERE l.id = 'b01' AND l.state = 'ok' \
+             AND EXISTS (SELECT 1 FROM sync.runs r WHERE r.location_id = 'b01' AND r.outcome = 'ok' \
+                 AND r.batches = 0 AND r.changes > 0 AND r.run_id > \
+                 (SELECT max(run_id) FROM sync.runs WHERE location_id = 'b01' AND outcome = 'needs_resync'))",
+        )
+        .fetch_one(&hq.pool)
+        .await?;
+        Ok((done == 1).then_some(()))
+    })
+    .await
+    .with_context(|| w.hq.log_tail(30))?;
+    w.wait_caught_up(Duration::from_secs(60)).await?;
     verify_equal(&w.hq).await?;
     w.shutdown().await
 }
