@@ -163,8 +163,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     }
     if let Some(addr) = app.settings.metrics_listen {
         if let Some(handle) = metrics::install() {
+            // Enabled locations only: a disabled one must not look stale to alerts.
             for row in store::status(&app.pool).await? {
-                metrics::restore(&row);
+                if app.settings.location(&row.id).is_some_and(|l| l.enabled) {
+                    metrics::restore(&row);
+                }
             }
             let token = shutdown.clone();
             app.tracker.spawn(async move {

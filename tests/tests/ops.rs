@@ -313,7 +313,8 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
     let _serial = SERIAL.lock().await;
     let chrome = chromium()?;
     let dir = tempfile::tempdir()?;
-    // One real SQLite branch with data; 45 more locations whose listeners are down.
+    // One real SQLite branch with data; 44 more locations whose listeners are down, and
+    // b46 disabled.
     let db = format!("sqlite://{}", dir.path().join("b01.db").display());
     let mut b = BranchNode::new(dir.path(), "b01", &db, &BranchOptions::default())?;
     b.install(true).await?;
@@ -347,7 +348,8 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
             format!("Branch {i}")
         };
         text.push_str(&format!(
-            "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {down:?}\ntoken_file = {tf:?}\n",
+            "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {down:?}\ntoken_file = {tf:?}\nenabled = {}\n",
+            i != 46,
             tf = tf.display().to_string()
         ));
     }
@@ -380,14 +382,14 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
         .await?;
     hq.wait_caught_up(&[&b], Duration::from_secs(90)).await?;
     wait_for(
-        "every location to have finished a run (and a lag sample)",
+        "every enabled location to have finished a run (and a lag sample)",
         Duration::from_secs(90),
         || async {
             let n: i64 =
                 sqlx::query_scalar("SELECT count(DISTINCT location_id) FROM sync.lag_samples")
                     .fetch_one(&pool)
                     .await?;
-            Ok((n == 46).then_some(()))
+            Ok((n == 45).then_some(()))
         },
     )
     .await?;
@@ -423,14 +425,19 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
     )
     .await?;
     check_scrape(&m, "hq_puller_")?;
-    for id in ["b01", "b46"] {
-        ensure!(
-            m.contains(&format!(
-                "hq_puller_last_success_timestamp_seconds{{location=\"{id}\"}}"
-            )),
-            "no last_success series for {id}"
-        );
+    let last_success = |id: &str| {
+        m.contains(&format!(
+            "hq_puller_last_success_timestamp_seconds{{location=\"{id}\"}}"
+        ))
+    };
+    for id in ["b01", "b45"] {
+        ensure!(last_success(id), "no last_success series for {id}");
     }
+    // A disabled location must not look stale to the alerts.
+    ensure!(
+        !last_success("b46"),
+        "disabled b46 has a last_success series"
+    );
     ensure!(
         m.contains("hq_puller_errors_total{location=\"b02\",kind=\"transient\"}"),
         "no transient error series for b02:\n{m}"
