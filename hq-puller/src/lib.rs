@@ -163,8 +163,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     }
     if let Some(addr) = app.settings.metrics_listen {
         if let Some(handle) = metrics::install() {
-            // Enabled locations only: a disabled one must not look stale to alerts.
+            // Every location's state; the rest for enabled ones only: a disabled location
+            // must not look stale to alerts.
             for row in store::status(&app.pool).await? {
+                metrics::set_state(&row.id, &row.state);
                 if app.settings.location(&row.id).is_some_and(|l| l.enabled) {
                     metrics::restore(&row);
                 }

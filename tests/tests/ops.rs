@@ -433,10 +433,14 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
     for id in ["b01", "b45"] {
         ensure!(last_success(id), "no last_success series for {id}");
     }
-    // A disabled location must not look stale to the alerts.
+    // A disabled location has its state but must not look stale to the alerts.
     ensure!(
         !last_success("b46"),
         "disabled b46 has a last_success series"
+    );
+    ensure!(
+        m.contains("hq_puller_location_state{location=\"b46\",state=\"ok\"} 1"),
+        "disabled b46 has no state series"
     );
     ensure!(
         m.contains("hq_puller_errors_total{location=\"b02\",kind=\"transient\"}"),
