@@ -13,7 +13,11 @@
 //! - [`metrics`]: Prometheus metrics and `/metrics`.
 //! - [`dashboard`]: the read-only dashboard and `/api/status` on `admin_listen`.
 //! - [`status`]: the `status` command's table and JSON.
+//! - [`load`]: initial load and resync by snapshot pages (`sync.loads`), then the stream.
+//! - [`verify`]: `verify`: chunk checksums against the branch, drilled to differing keys.
+//! - [`progress`]: progress bars (terminal) or periodic log lines.
 //! - [`error`]: the error type and its kinds (transient / permanent / needs resync).
+//! - [`transport`]: per-location TLS trust (`ca_file`), `allow_plain_http`, response size cap.
 
 pub mod apply;
 pub mod client;
@@ -21,13 +25,17 @@ pub mod config;
 pub mod dashboard;
 pub mod error;
 pub mod files;
+pub mod load;
 pub mod metrics;
 pub mod preflight;
+pub mod progress;
 pub mod pull;
 pub mod schedule;
 pub mod status;
 pub mod store;
+pub mod transport;
 pub mod validate;
+pub mod verify;
 
 use crate::config::Settings;
 pub use crate::error::{Error, ErrorKind, Result};
@@ -148,6 +156,7 @@ pub async fn pull_once(app: &Arc<App>, locations: &[String]) -> Result<Vec<pull:
 /// `hq-puller run`: the service. Returns after `shutdown` once in-flight batches have
 /// committed or rolled back.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
+    transport::warn_plain_http(&settings);
     let app = App::connect(settings, shutdown.clone()).await?;
     check_migrated(&app).await?;
     store::register_locations(&app.pool, &app.settings.locations).await?;

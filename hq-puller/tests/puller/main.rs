@@ -4,6 +4,7 @@
 mod docs_coverage;
 mod fake;
 mod files;
+mod fuzz;
 
 use fake::{ch, Behaviour, Branch, Fake, TOKEN};
 use hq_puller::config::{self, Settings};
@@ -48,7 +49,7 @@ async fn hq_with(locations: &[(&str, &str, &str)], extra: &str) -> Hq {
     let db = tests::pg::fresh_database("hqp").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token = write_token(dir.path(), "token", 0o600);
-    let mut toml = format!("database_url = \"{db}\"\n{extra}\n");
+    let mut toml = format!("database_url = \"{db}\"\nallow_plain_http = true\n{extra}\n");
     for (id, base, more) in locations {
         toml.push_str(&format!(
             "[[locations]]\nid = \"{id}\"\nname = \"Branch {id}\"\nurl = \"{base}/{id}\"\ntoken_file = \"{}\"\n{more}\n",
@@ -756,7 +757,11 @@ fn check_config_names_each_problem() {
     let unreadable = dir.path().join("unreadable");
     std::fs::create_dir(&unreadable).unwrap();
     std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let head = "database_url = \"postgres://hq@localhost/hq\"\nschedule = \"*/5 * * * * *\"\n";
+    let plain_head =
+        "database_url = \"postgres://hq@localhost/hq\"\nschedule = \"*/5 * * * * *\"\n";
+    let head = &format!("{plain_head}allow_plain_http = true\n");
+    let not_pem = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
 
     let (code, out, err) = check_config(dir.path(), &format!("{head}{}", loc("b01", "", &good)));
     assert_eq!(code, 0, "{err}");
@@ -802,6 +807,41 @@ fn check_config_names_each_problem() {
         (
             format!("{head}{}", loc("b01", "", &good)).replace("http://127.0.0.1:7070", "ftp://x"),
             "url",
+        ),
+        // Plain http without allow_plain_http: an error naming the location.
+        (
+            format!("{plain_head}{}", loc("b01", "", &good)),
+            "locations[0] (id \"b01\"): url \"http://127.0.0.1:7070\" is plain http",
+        ),
+        // A per-location `false` overrides the global `true`.
+        (
+            format!("{head}{}", loc("b01", "allow_plain_http = false", &good)),
+            "is plain http",
+        ),
+        (
+            format!(
+                "{plain_head}ca_file = \"{}\"\n{}",
+                dir.path().join("nope.pem").display(),
+                loc("b01", "", &good)
+            )
+            .replace("http://", "https://"),
+            "ca_file: cannot read",
+        ),
+        (
+            format!(
+                "{plain_head}{}",
+                loc(
+                    "b01",
+                    &format!("ca_file = \"{}\"", not_pem.display()),
+                    &good
+                )
+            )
+            .replace("http://", "https://"),
+            "holds no PEM certificate",
+        ),
+        (
+            format!("{head}max_response_bytes = 10\n{}", loc("b01", "", &good)),
+            "max_response_bytes: must be at least 1024",
         ),
     ];
     for (toml, needle) in cases {
@@ -1158,7 +1198,7 @@ async fn check_config_reports_the_database() {
         std::fs::write(
             &p,
             format!(
-                "database_url = {db:?}\n[[locations]]\nid = \"b01\"\nurl = \"http://127.0.0.1:7070\"\ntoken_file = {:?}\n",
+                "database_url = {db:?}\nallow_plain_http = true\n[[locations]]\nid = \"b01\"\nurl = \"http://127.0.0.1:7070\"\ntoken_file = {:?}\n",
                 token.display().to_string()
             ),
         )
