@@ -6,7 +6,7 @@
 # It extracts the guide's blocks marked `sh install-guide=NAME`, in document order, and
 # runs them in one bash (set -euo pipefail) with these substitutions, and nothing else:
 #   - paths: /etc/, /var/lib/ and /usr/local/bin/ are moved under the temporary root;
-#     the listener's port 7070 becomes a free port;
+#     the listener's port 7070 becomes a free port and its address 10.7.0.10 loopback;
 #   - the working directory is a stand-in checkout: deploy/ is this repository's,
 #     target/release/ holds the built binaries ($CARGO_TARGET_DIR/debug by default,
 #     INSTALL_GUIDE_BIN to choose);
@@ -101,7 +101,8 @@ trap 'exit 130' INT TERM
 # --- the guide's blocks ---------------------------------------------------------------------
 rewrite() {
   sed -e "s#/etc/#$ROOT/etc/#g" -e "s#/var/lib/#$ROOT/var/lib/#g" \
-      -e "s#/usr/local/bin/#$ROOT/usr/local/bin/#g" -e "s#127.0.0.1:7070#127.0.0.1:$BRANCH_PORT#g"
+      -e "s#/usr/local/bin/#$ROOT/usr/local/bin/#g" -e "s#10\.7\.0\.10#127.0.0.1#g" \
+      -e "s#127.0.0.1:7070#127.0.0.1:$BRANCH_PORT#g"
 }
 mkdir -p "$ROOT/guide"
 awk -v out="$ROOT/guide" '
@@ -242,7 +243,7 @@ post_hq_config() { # the operator edits the copied config
     -e "s#^database_url = .*#database_url = \"postgres://hq_puller@127.0.0.1:$PG_PORT/hq\"#" \
     -e "s#^metrics_listen = .*#metrics_listen = \"127.0.0.1:$METRICS_PORT\"#" \
     -e "s#^admin_listen = .*#admin_listen = \"127.0.0.1:$ADMIN_PORT\"#" \
-    -e "s#http://b07.branches.example.internal:7070#http://127.0.0.1:$BRANCH_PORT#" "$c"
+    -e "s#https://b07.branches.example.internal:7070#https://127.0.0.1:$BRANCH_PORT#" "$c"
   mode_is 640 "$c"
 }
 post_hq_tokens() {

@@ -2,7 +2,7 @@
 //! area installed? Reported, not fatal (the service starts while its database is down and
 //! answers 503 until it is back), unless `--require-database` asks for a reachable one.
 
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use std::time::Duration;
@@ -39,6 +39,27 @@ impl DatabaseState {
 
 /// Connects (without creating a SQLite file) and reads the pull area's identity.
 pub async fn database(config: &Config) -> Result<DatabaseState> {
+    if config.backend()? == Backend::Postgres {
+        // One attempt first: the pool would retry until its timeout and then report only
+        // "timed out", hiding e.g. "connection refused" or a rejected password.
+        use sqlx::Connection;
+        match tokio::time::timeout(
+            TIMEOUT,
+            sqlx::postgres::PgConnection::connect(&config.database_url),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+            }
+            Ok(Err(e)) => return Ok(DatabaseState::Unreachable(e.to_string())),
+            Err(_) => {
+                return Ok(DatabaseState::Unreachable(format!(
+                    "no answer within {TIMEOUT:?}"
+                )))
+            }
+        }
+    }
     let db = Db::connect_lazy(config, false)?;
     let state = match tokio::time::timeout(TIMEOUT, db.meta()).await {
         Ok(Ok(meta)) => DatabaseState::Installed {

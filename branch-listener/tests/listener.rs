@@ -1797,6 +1797,11 @@ async fn check_config_reports_the_database() -> Result<()> {
         st.line()
     );
     assert!(!missing.exists());
+    // PostgreSQL: the cause is named at once (nothing listens on port 1).
+    let mut pg = b.config.clone();
+    pg.database_url = "postgres://branch@127.0.0.1:1/pm".into();
+    let st = database(&pg).await?;
+    assert!(st.line().contains("refused"), "{}", st.line());
 
     // The command: reported, exit 0; with --require-database, exit 1.
     let path = b.dir.path().join("gone.toml");

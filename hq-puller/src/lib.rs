@@ -173,8 +173,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     }
     if let Some(addr) = app.settings.metrics_listen {
         if let Some(handle) = metrics::install() {
+            // Every location's state; the rest for enabled ones only: a disabled location
+            // must not look stale to alerts.
             for row in store::status(&app.pool).await? {
-                metrics::restore(&row);
+                metrics::set_state(&row.id, &row.state);
+                if app.settings.location(&row.id).is_some_and(|l| l.enabled) {
+                    metrics::restore(&row);
+                }
             }
             let token = shutdown.clone();
             app.tracker.spawn(async move {

@@ -48,13 +48,29 @@ fn documented_metrics() -> Result<BTreeSet<String>> {
     Ok(names)
 }
 
-/// Metric names defined in the code (string constants of both `metrics.rs`).
+/// Metric names defined in the code: every string literal `"hq_puller_…"` /
+/// `"branch_listener_…"` in the sources of both binaries.
 fn code_metrics() -> Result<BTreeSet<String>> {
     let mut out = BTreeSet::new();
-    for f in ["hq-puller/src/metrics.rs", "branch-listener/src/metrics.rs"] {
-        for part in read(f)?.split('"').skip(1).step_by(2) {
-            if part.starts_with("hq_puller_") || part.starts_with("branch_listener_") {
-                out.insert(part.to_string());
+    let mut stack = vec![
+        root().join("hq-puller/src"),
+        root().join("branch-listener/src"),
+    ];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p)?;
+                for part in text.split('"').skip(1).step_by(2) {
+                    let metric = part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                    if metric
+                        && (part.starts_with("hq_puller_") || part.starts_with("branch_listener_"))
+                    {
+                        out.insert(part.to_string());
+                    }
+                }
             }
         }
     }
@@ -313,7 +329,8 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
     let _serial = SERIAL.lock().await;
     let chrome = chromium()?;
     let dir = tempfile::tempdir()?;
-    // One real SQLite branch with data; 45 more locations whose listeners are down.
+    // One real SQLite branch with data; 44 more locations whose listeners are down, and
+    // b46 disabled.
     let db = format!("sqlite://{}", dir.path().join("b01.db").display());
     let mut b = BranchNode::new(dir.path(), "b01", &db, &BranchOptions::default())?;
     b.install(true).await?;
@@ -332,6 +349,7 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
          metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
          admin_listen = \"127.0.0.1:{admin_port}\"\n\
          log_format = \"json\"\n\
+         allow_plain_http = true\n\
          \n[[locations]]\nid = \"b01\"\nname = \"Berlin\"\nurl = {url:?}\ntoken_file = {tf:?}\n",
         url = b.url(),
         tf = b.hq_token_file.display().to_string(),
@@ -347,7 +365,8 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
             format!("Branch {i}")
         };
         text.push_str(&format!(
-            "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {down:?}\ntoken_file = {tf:?}\n",
+            "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {down:?}\ntoken_file = {tf:?}\nenabled = {}\n",
+            i != 46,
             tf = tf.display().to_string()
         ));
     }
@@ -379,15 +398,19 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
         .expect("READY=1", Duration::from_secs(60), &hq.log)
         .await?;
     hq.wait_caught_up(&[&b], Duration::from_secs(90)).await?;
+    // The seed arrived by the initial load (a snapshot); changes made now arrive in
+    // batches through the change stream.
+    tests::workload::seed(&sim, 5, 8, &tests::workload::Counters::default()).await?;
+    hq.wait_caught_up(&[&b], Duration::from_secs(90)).await?;
     wait_for(
-        "every location to have finished a run (and a lag sample)",
+        "every enabled location to have finished a run (and a lag sample)",
         Duration::from_secs(90),
         || async {
             let n: i64 =
                 sqlx::query_scalar("SELECT count(DISTINCT location_id) FROM sync.lag_samples")
                     .fetch_one(&pool)
                     .await?;
-            Ok((n == 46).then_some(()))
+            Ok((n == 45).then_some(()))
         },
     )
     .await?;
@@ -423,14 +446,23 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
     )
     .await?;
     check_scrape(&m, "hq_puller_")?;
-    for id in ["b01", "b46"] {
-        ensure!(
-            m.contains(&format!(
-                "hq_puller_last_success_timestamp_seconds{{location=\"{id}\"}}"
-            )),
-            "no last_success series for {id}"
-        );
+    let last_success = |id: &str| {
+        m.contains(&format!(
+            "hq_puller_last_success_timestamp_seconds{{location=\"{id}\"}}"
+        ))
+    };
+    for id in ["b01", "b45"] {
+        ensure!(last_success(id), "no last_success series for {id}");
     }
+    // A disabled location has its state but must not look stale to the alerts.
+    ensure!(
+        !last_success("b46"),
+        "disabled b46 has a last_success series"
+    );
+    ensure!(
+        m.contains("hq_puller_location_state{location=\"b46\",state=\"ok\"} 1"),
+        "disabled b46 has no state series"
+    );
     ensure!(
         m.contains("hq_puller_errors_total{location=\"b02\",kind=\"transient\"}"),
         "no transient error series for b02:\n{m}"
@@ -441,7 +473,12 @@ async fn hq_with_46_locations_readiness_metrics_json_logs_and_dashboard() -> Res
     let batch = lines
         .iter()
         .find(|l| l["message"] == "batch applied")
-        .context("no 'batch applied' line in the JSON log")?;
+        .with_context(|| {
+            format!(
+                "no 'batch applied' line in the JSON log:\n{}",
+                hq.log_tail(30)
+            )
+        })?;
     let spans = batch["spans"]
         .as_array()
         .context("spans of the batch line")?;
