@@ -174,7 +174,8 @@ total=$(( $(date +%s) - started ))
   echo "- **PostgreSQL** $pg_version, the throwaway cluster of \`tests/pg.sh\` (\`fsync=off\`,"
   echo "  \`synchronous_commit=off\`: the same settings for us and every peer); SQLite in WAL"
   echo "  mode (\`synchronous=NORMAL\`, sqlx's bundled SQLite). Every process (branches,"
-  echo "  listeners, hq-puller, PostgreSQL, peers) shares the machine's cores."
+  echo "  listeners, hq-puller, PostgreSQL, peers) shares the machine's cores; other load on"
+  echo "  the machine shows in each section's load average (above the core count: contended)."
   echo
   echo "## Summary"
   echo

@@ -45,6 +45,14 @@ impl Summary {
     }
 }
 
+/// Drops a benchmark's database; a failure (e.g. a full disk refusing the checkpoint
+/// `DROP DATABASE` asks for) is only reported: the figures are already taken.
+pub async fn drop_database(url: &str) {
+    if let Err(e) = crate::pg::drop_database(url).await {
+        eprintln!("warning: could not drop a benchmark database: {e:#}");
+    }
+}
+
 /// `yes` / `no` for a target check.
 pub fn met(ok: bool) -> String {
     if ok { "yes" } else { "no" }.to_string()

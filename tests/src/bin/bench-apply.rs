@@ -221,7 +221,7 @@ struct Ours {
 async fn run_ours(args: &Args) -> Result<Ours> {
     let hq_url = tests::pg::fresh_database("bench_apply_hq").await?;
     let r = run_ours_on(args, &hq_url).await;
-    tests::pg::drop_database(&hq_url).await?;
+    tests::bench::drop_database(&hq_url).await;
     r
 }
 
@@ -345,8 +345,8 @@ async fn run_logical(args: &Args) -> Result<f64> {
         );
     }
     lr.drop_all().await?;
-    tests::pg::drop_database(&src_url).await?;
-    tests::pg::drop_database(&dst_url).await?;
+    tests::bench::drop_database(&src_url).await;
+    tests::bench::drop_database(&dst_url).await;
     Ok(secs)
 }
 
@@ -374,7 +374,7 @@ async fn run_copy(args: &Args) -> Result<(f64, u64)> {
     copy.finish().await?;
     let secs = t0.elapsed().as_secs_f64();
     c.close().await?;
-    tests::pg::drop_database(&url).await?;
+    tests::bench::drop_database(&url).await;
     Ok((secs, ins))
 }
 

@@ -109,7 +109,7 @@ async fn run_pg(args: &Args, v: Variant, server: bool) -> Result<Timing> {
     if server {
         let t = run_pg_server(&mut c, args).await?;
         c.close().await?;
-        tests::pg::drop_database(&url).await?;
+        tests::bench::drop_database(&url).await;
         return Ok(t);
     }
     let now = chrono::Utc::now();
@@ -146,7 +146,7 @@ async fn run_pg(args: &Args, v: Variant, server: bool) -> Result<Timing> {
     }
     let update = t1.elapsed();
     c.close().await?;
-    tests::pg::drop_database(&url).await?;
+    tests::bench::drop_database(&url).await;
     Ok(Timing { insert, update })
 }
 

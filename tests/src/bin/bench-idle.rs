@@ -168,7 +168,7 @@ async fn run(args: &Args, n: usize) -> Result<Figures> {
     let result = measure(args, n, pid, &served, &hq_url, dir.path()).await;
     let _ = child.kill();
     let _ = child.wait();
-    tests::pg::drop_database(&hq_url).await?;
+    tests::bench::drop_database(&hq_url).await;
     result
 }
 

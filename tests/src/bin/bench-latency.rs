@@ -323,9 +323,9 @@ async fn run_ours(args: &Args, s: Scenario) -> Result<Samples> {
     b.stop().await?;
     writer.close().await;
     hq.pool.close().await;
-    tests::pg::drop_database(&hq_url).await?;
+    tests::bench::drop_database(&hq_url).await;
     if s == Scenario::StreamPostgres {
-        tests::pg::drop_database(&branch_url).await?;
+        tests::bench::drop_database(&branch_url).await;
     }
     r
 }
@@ -354,8 +354,8 @@ async fn run_logical(args: &Args) -> Result<Samples> {
     let r = measure(&writer, &dst_url, args.samples, args.marker_rate, args.load).await;
     writer.close().await;
     lr.drop_all().await?;
-    tests::pg::drop_database(&src_url).await?;
-    tests::pg::drop_database(&dst_url).await?;
+    tests::bench::drop_database(&src_url).await;
+    tests::bench::drop_database(&dst_url).await;
     r
 }
 
@@ -391,7 +391,7 @@ async fn main() -> Result<()> {
     }
     let res_url = tests::pg::fresh_database("bench_lat_res").await?;
     let resolution = notify_resolution(&res_url).await?;
-    tests::pg::drop_database(&res_url).await?;
+    tests::bench::drop_database(&res_url).await;
     println!(
         "bench-latency: commit at the branch → visible at HQ; {} markers per stream scenario, {} in schedule mode, \
          background load {} changes/s, {} repetitions; detection: LISTEN/NOTIFY from an AFTER INSERT trigger \
