@@ -67,8 +67,8 @@ echo "TEST_PG_URL=$TEST_PG_URL"
 # --- 4. build the binaries the end-to-end tests spawn, then test --------------------------
 step "cargo build --workspace --bins"
 cargo build --workspace --bins || fail "build"
-step "cargo test --workspace"
-cargo test --workspace || fail "tests"
+step "cargo test --workspace --no-fail-fast"
+cargo test --workspace --no-fail-fast || fail "tests"
 step "tests/install-guide.sh (deploy/INSTALL.md, step by step, in a temporary root)"
 "$root/tests/install-guide.sh" || fail "install guide"
 

@@ -57,8 +57,8 @@ benches=(
   "apply|HQ catch-up of a 1,000,000-change backlog vs logical replication and COPY; memory|--changes 1000000 --locations 46 --reps $reps|--changes 4200 --locations 3 --reps 1 --idle-seconds 2"
   "latency|commit at a branch → visible at HQ, stream and schedule mode, vs logical replication|--samples 1000 --schedule-samples 300 --reps $reps|--samples 20 --schedule-samples 5 --reps 1"
   "idle|hq-puller with 1,000 idle locations on a 10-second schedule|--locations 1000 --baseline 10 --seconds 60 --reps $reps|--locations 20 --baseline 0 --seconds 3 --reps 1"
-  "files|files: 10,000 images and one 2 GiB file vs rsync (issue 5)|--reps $reps|--quick"
-  "load|initial load of 1,000,000 rows vs pg_dump \| psql (issue 6)|--reps $reps|--quick"
+  "files|files: 10,000 images and one 2 GiB file vs rsync; peak memory|--reps $reps|--quick"
+  "load|initial load of 1,000,000 rows vs pg_dump \| psql; verify time|--rows 1000000 --reps $reps|--rows 2000 --page-rows 500 --reps 1"
 )
 
 # --- build ------------------------------------------------------------------------------

@@ -329,6 +329,24 @@ async fn main() -> Result<()> {
         "| `hq-puller verify` (all equal) | {v:.2} | {vmin:.2}–{vmax:.2} | {:.0} |",
         rows / v
     );
+    tests::bench::Summary {
+        figure: format!("initial load of {} rows (rows/s)", args.rows),
+        ours: format!("{:.0}", rows / o),
+        peer: format!("{:.0} (pg_dump | psql)", rows / d),
+        ratio: format!("{:.2}×", d / o),
+        target: "≥ 1.0× pg_dump | psql".into(),
+        met: tests::bench::met(o <= d),
+    }
+    .print();
+    tests::bench::Summary {
+        figure: format!("verify of {} equal rows (s)", args.rows),
+        ours: format!("{v:.2} s ({:.0} rows/s)", rows / v),
+        peer: "—".into(),
+        ratio: "—".into(),
+        target: "report".into(),
+        met: "n/a".into(),
+    }
+    .print();
     if args.writers > 0 {
         println!(
             "\n{} writer operations during the last load; verify: equal after catch-up.",
