@@ -1,8 +1,7 @@
-//! Downloading one content: `.tmp/<sha256>.<location>.part`, resumed with `Range`
-//! after a cut, size and sha256 verified while streaming (bounded memory). The batch's
-//! verified parts are then made durable together (`syncfs`) and only then renamed to
-//! `.objects/ab/<sha256>` ([`super::prepare`]): an object exists only complete,
-//! verified and on disk.
+//! Downloading one content into the object store: `.tmp/<sha256>.<location>.part`, resumed with
+//! `Range` after a cut, size and sha256 verified while streaming (bounded memory),
+//! fsync'ed, then renamed to `.objects/ab/<sha256>` (its directory is fsync'ed before
+//! the batch commits, see [`super::place`]).
 //! A mismatch deletes the partial file and downloads again from the start, up to
 //! [`ATTEMPTS`] times; then the batch fails (transient: retried with backoff), nothing
 //! is stored and the cursor does not move.
@@ -20,13 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const ATTEMPTS: usize = 4;
 
 /// Result of fetching one content.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fetched {
-    /// Already in the object store (verified and durable when it was stored).
+    /// In the object store, verified (downloaded now or before).
     Stored,
-    /// Downloaded and verified into this partial file; [`super::prepare`] makes it
-    /// durable (one `syncfs` for the batch) and then renames it into the object store.
-    Verified(std::path::PathBuf),
     /// The listener answered `file_not_found`.
     Superseded,
 }
@@ -58,12 +54,9 @@ async fn hash_prefix(path: &Path, h: &mut Sha256) -> std::io::Result<u64> {
     }
 }
 
-/// Flushes the whole file system holding `dir` (`syncfs`): data and metadata of every
-/// file written and renamed there, with one call instead of one fsync per file and
-/// directory (the store's files are small and many).
-pub fn sync_store(dir: &Path) -> std::io::Result<()> {
-    let d = std::fs::File::open(dir)?;
-    rustix::fs::syncfs(&d).map_err(std::io::Error::from)
+/// fsync of a directory (after a rename into it).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Makes sure the content `sha256` of `size` bytes is in the object store.
@@ -88,16 +81,6 @@ pub async fn fetch(
     // Per location: two locations fetching the same content never share a partial file
     // (both then rename identical, verified content onto the same object).
     let part = tmp_dir.join(format!("{sha256}.{location}.part"));
-    // Complete from an earlier run whose batch failed later: verified locally.
-    if let Ok(meta) = tokio::fs::metadata(&part).await {
-        if i64::try_from(meta.len()).ok() == Some(size) {
-            let mut h = Sha256::new();
-            if hash_prefix(&part, &mut h).await.is_ok() && hex::encode(h.finalize()) == sha256 {
-                return Ok(Fetched::Verified(part));
-            }
-            let _ = tokio::fs::remove_file(&part).await;
-        }
-    }
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS {
         match attempt_once(client, &part, location, path, sha256, size).await? {
@@ -107,16 +90,19 @@ pub async fn fetch(
                 return Ok(Fetched::Superseded);
             }
             Ok(Some(bytes)) => {
+                let dir = object.parent().expect("object path has a parent");
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|e| io_err("creating", dir, e))?;
+                tokio::fs::rename(&part, &object)
+                    .await
+                    .map_err(|e| io_err("storing", &object, e))?;
+                // The object directory is fsync'ed with the placement, before the
+                // batch commits (one fsync per directory, not per file).
                 metrics::counter!(m::FILES_DOWNLOADED, "location" => location.to_string())
                     .increment(1);
-                tracing::debug!(
-                    location,
-                    path,
-                    sha256,
-                    bytes,
-                    "file content downloaded and verified"
-                );
-                return Ok(Fetched::Verified(part));
+                tracing::debug!(location, path, sha256, bytes, "file content stored");
+                return Ok(Fetched::Stored);
             }
             Err(Attempt::Cut(why)) => {
                 tracing::info!(location, path, attempt, error = %why, "file download cut; resuming");
@@ -255,5 +241,8 @@ async fn attempt_once(
             "sha256 {got}, expected {sha256}"
         ))));
     }
+    file.sync_all()
+        .await
+        .map_err(|e| io_err("syncing", part, e))?;
     Ok(Ok(Some(total)))
 }

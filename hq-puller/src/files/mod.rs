@@ -161,34 +161,9 @@ pub async fn prepare(app: &App, location: &str, events: &[FileEvent]) -> Result<
         .collect()
         .await;
     let mut fetched = HashMap::new();
-    let mut verified = Vec::new();
     for r in results {
         let (sha, f) = r?;
-        if let download::Fetched::Verified(part) = &f {
-            verified.push((part.clone(), store.object(&sha)));
-        }
         fetched.insert(sha, f);
-    }
-    if !verified.is_empty() {
-        // Durable first (one syncfs for all), then named: an object is never partial.
-        let root = store.root.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            download::sync_store(&root).map_err(|e| {
-                Error::transient(format!("file store: syncing {}: {e}", root.display()))
-            })?;
-            for (part, object) in &verified {
-                let dir = object.parent().expect("object path has a parent");
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    Error::transient(format!("file store: creating {}: {e}", dir.display()))
-                })?;
-                std::fs::rename(part, object).map_err(|e| {
-                    Error::transient(format!("file store: storing {}: {e}", object.display()))
-                })?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| Error::Other(format!("file store task: {e}")))??;
     }
     let items = newest
         .into_iter()

@@ -3,12 +3,12 @@
 //!
 //! A file is put in place atomically: hard link (or, where links are impossible, a copy
 //! that is fsync'ed) of its verified object to a temporary name in `.tmp/`, `rename`
-//! over the target; at the end one `syncfs` of the store makes every rename (targets,
-//! archive, objects) durable before the batch's transaction commits. A reader sees the old or the new
+//! over the target; every directory touched (targets, archive, objects) is fsync'ed
+//! once at the end, before the batch's transaction commits. A reader sees the old or the new
 //! file, never a partial one. Deletes are mirrored (removed) or archived
 //! (`.archive/<LOCATION>/<PATH>.<UTC timestamp>`).
 
-use super::download::sync_store;
+use super::download::sync_dir;
 use super::{Action, FileDelete, Item, Store};
 use crate::error::{Error, Result};
 use std::collections::BTreeSet;
@@ -41,8 +41,8 @@ pub fn apply(
             Action::Delete => remove(store, location, &it.path, mode, &stamp, &mut dirs)?,
         });
     }
-    if !dirs.is_empty() {
-        sync_store(&store.root).map_err(|e| io_err("syncing", &store.root, e))?;
+    for d in &dirs {
+        sync_dir(d).map_err(|e| io_err("syncing", d, e))?;
     }
     Ok(out)
 }
