@@ -190,6 +190,8 @@ done
   echo "connect_timeout = \"2s\""
   echo "batch_limit = 5000"
   echo "log_format = \"text\""
+  echo "# The listeners are on this machine's loopback: plain HTTP is acceptable here."
+  echo "allow_plain_http = true"
   for i in $(seq 1 "$branches"); do
     loc=${locs[$((i - 1))]}
     printf '\n[[locations]]\nid = "%s"\nname = "Branch %s"\nurl = "http://127.0.0.1:%s"\ntoken_file = "%s"\n' \

@@ -29,9 +29,11 @@ fail() {
 # --- 1. system packages: installed only when absent -------------------------------------
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 have_sqlite() { command -v sqlite3 >/dev/null 2>&1; }
+have_chromium() { command -v chromium >/dev/null 2>&1; }
 missing=()
 have_pg || missing+=(postgresql)
 have_sqlite || missing+=(sqlite3)
+have_chromium || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing missing system packages: ${missing[*]}"
   if [ "$(id -u)" != 0 ]; then
@@ -42,6 +44,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq "${missing[@]}" >/dev/null || fail "apt-get install ${missing[*]}"
 fi
 command -v cargo >/dev/null || fail "cargo not found (install Rust: https://rustup.rs)"
+# The dashboard test renders in headless Chromium: here it must run, never skip.
+export TESTS_REQUIRE_CHROMIUM=1
 
 # --- 2. formatting and lints ---------------------------------------------------------------
 if [ "${RUN_SKIP_LINT:-0}" != 1 ]; then
@@ -65,5 +69,7 @@ step "cargo build --workspace --bins"
 cargo build --workspace --bins || fail "build"
 step "cargo test --workspace"
 cargo test --workspace || fail "tests"
+step "tests/install-guide.sh (deploy/INSTALL.md, step by step, in a temporary root)"
+"$root/tests/install-guide.sh" || fail "install guide"
 
 printf '\nOK: fmt, clippy, build and all tests passed in %ss\n' $(( $(date +%s) - started ))

@@ -69,6 +69,22 @@ pub struct Config {
     /// Glob patterns (matched against each path component) of files never indexed.
     #[serde(default = "default_files_ignore")]
     pub files_ignore: Vec<String>,
+    /// HTTPS: the server certificate chain (PEM); with `tls_key_file`. Unset: plain HTTP
+    /// (warned about at start).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// HTTPS: the private key (PEM, PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// Requests per second allowed per client IP address (token bucket); 0 = no limit.
+    #[serde(default = "crate::limits::default_rate_limit")]
+    pub rate_limit_per_second: u32,
+    /// Burst size of the per-client token bucket.
+    #[serde(default = "crate::limits::default_rate_burst")]
+    pub rate_limit_burst: u32,
+    /// Requests served at once; more wait for a slot (503 after the request time limit).
+    #[serde(default = "crate::limits::default_max_concurrent")]
+    pub max_concurrent_requests: u32,
 }
 
 fn default_files_rescan_interval() -> Duration {
@@ -233,6 +249,8 @@ impl Config {
                 format!("{:?} must be \"text\" or \"json\"", self.log_format),
             ));
         }
+        self.tls()?;
+        self.check_limits()?;
         Ok(())
     }
 

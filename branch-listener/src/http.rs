@@ -57,8 +57,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/files/{sha256}", get(crate::files::serve::get_file))
         .route("/metrics", get(metrics_text))
+        .route("/v1/snapshot/start", get(crate::snapshot::start))
+        .route("/v1/snapshot", get(crate::snapshot::page))
+        .route("/v1/checksums", get(crate::snapshot::checksums))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .merge(protected)
         .layer(middleware::from_fn_with_state(timeout, time_limit))
@@ -71,8 +74,8 @@ pub fn app(state: AppState) -> Router {
                 .zstd(true)
                 .quality(CompressionLevel::Fastest),
         )
-        .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
-        .with_state(state)
+        .layer(RequestBodyLimitLayer::new(BODY_LIMIT));
+    crate::limits::wrap(router, &state.config).with_state(state)
 }
 
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -199,7 +202,7 @@ fn cursor(instance_id: uuid::Uuid, t: &Tick) -> Cursor {
 /// write lock (the branch application could no longer write) or an old read snapshot.
 /// A detached task always runs to its end; a long-poll in it ends at its deadline or at
 /// shutdown.
-async fn detached<T: Send + 'static>(
+pub(crate) async fn detached<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
     tokio::spawn(work)
@@ -314,7 +317,7 @@ async fn serve_changes(state: AppState, p: ChangesParams) -> Result<ChangesRespo
 
 /// Ignores a retryable failure of an optional write (a later read fails anyway if the
 /// database is really unreachable).
-fn tolerate_busy(r: Result<()>, what: &str) -> Result<()> {
+pub(crate) fn tolerate_busy(r: Result<()>, what: &str) -> Result<()> {
     match r {
         Err(e @ Error::Unavailable(_)) => {
             tracing::debug!(error = %e, what, "skipped: branch database busy");
@@ -362,8 +365,14 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
             metrics::gauge!(m::OLDEST_UNACKED_AGE_SECONDS)
                 .set(f.oldest_unacked_age_seconds.unwrap_or(0.0));
             metrics::gauge!(m::HEAD_SEQ).set(f.head_seq as f64);
+            metrics::gauge!(m::OLDEST_OPEN_WRITER_AGE_SECONDS)
+                .set(f.oldest_open_writer.map(|w| w.age_seconds).unwrap_or(0.0));
+            metrics::gauge!(m::DATABASE_UP).set(1.0);
         }
-        Err(e) => tracing::debug!(error = %e, "metrics: pull-area figures unavailable"),
+        Err(e) => {
+            metrics::gauge!(m::DATABASE_UP).set(0.0);
+            tracing::debug!(error = %e, "metrics: pull-area figures unavailable")
+        }
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -394,6 +403,11 @@ mod tests {
             files_rescan_interval: Duration::from_secs(300),
             files_settle: Duration::from_secs(2),
             files_ignore: crate::config::default_files_ignore(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            rate_limit_per_second: 0,
+            rate_limit_burst: 1,
+            max_concurrent_requests: 64,
         }
     }
 

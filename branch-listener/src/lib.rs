@@ -9,9 +9,11 @@
 //! - [`prune`]: deletion of acknowledged history after the retention.
 //! - [`files`]: the files pull area (scan, index, watcher, `/v1/files/{sha256}`).
 //! - [`http`]: the pull protocol endpoints (`app(state) -> Router`).
+//! - [`snapshot`]: `/v1/snapshot` pages and `/v1/checksums` (initial load, resync, verify).
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`serve`]: `run(config, listener, shutdown)`.
 //! - [`error`]: the crate's error type and its HTTP mapping.
+//! - [`tls`]: HTTPS (rustls) from PEM files; [`limits`]: rate, concurrency and header limits.
 
 pub mod config;
 pub mod db;
@@ -19,11 +21,15 @@ pub mod error;
 pub mod files;
 pub mod http;
 pub mod install;
+pub mod limits;
 pub mod metrics;
+pub mod preflight;
 pub mod prune;
 pub mod pull_area;
 pub mod serve;
+pub mod snapshot;
 pub mod ticker;
+pub mod tls;
 pub mod wake;
 
 pub use config::Config;

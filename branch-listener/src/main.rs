@@ -32,7 +32,11 @@ enum Command {
     /// Remove the triggers and the pull area (the application's tables stay).
     Uninstall,
     /// Validate the configuration, print a summary.
-    CheckConfig,
+    CheckConfig {
+        /// Exit 1 when the branch database is not reachable (otherwise it is only reported).
+        #[arg(long)]
+        require_database: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,8 +73,13 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, cfg: Config) -> Result<(), Error> {
     match command {
-        Command::CheckConfig => {
+        Command::CheckConfig { require_database } => {
             println!("config ok: {}", cfg.summary());
+            let db = branch_listener::preflight::database(&cfg).await?;
+            println!("{}", db.line());
+            if require_database && !db.reachable() {
+                return Err(Error::Io("the branch database is not reachable".into()));
+            }
             Ok(())
         }
         Command::Install { with_demo_schema } => {

@@ -5,6 +5,8 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::http::{app, AppState};
+use crate::limits::ClientAddr;
+use crate::tls::TlsListener;
 use crate::wake::Wake;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -63,12 +65,36 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Io(e.to_string()))?;
+    // TLS keys are read before READY=1: a bad key fails the start, not the first request.
+    let tls = cfg.tls()?;
     tracing::info!(%addr, "listening");
+    schemas::systemd::notify_ready();
+    schemas::systemd::spawn_watchdog();
     let token = shutdown.clone();
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await
-        .map_err(|e| Error::Io(format!("http server: {e}")))?;
+    let service = app(state).into_make_service_with_connect_info::<ClientAddr>();
+    let served = match tls {
+        Some(tls) => {
+            tracing::info!(%addr, "serving HTTPS");
+            let listener = TlsListener::new(listener, tls, shutdown.clone())
+                .map_err(|e| Error::Io(e.to_string()))?;
+            axum::serve(listener, service)
+                .with_graceful_shutdown(async move {
+                    token.cancelled().await;
+                    schemas::systemd::notify_stopping();
+                })
+                .await
+        }
+        None => {
+            tracing::warn!(location = %cfg.location, %addr, "serving plain HTTP: tls_cert_file and tls_key_file are not set; the token and the data travel unencrypted");
+            axum::serve(listener, service)
+                .with_graceful_shutdown(async move {
+                    token.cancelled().await;
+                    schemas::systemd::notify_stopping();
+                })
+                .await
+        }
+    };
+    served.map_err(|e| Error::Io(format!("http server: {e}")))?;
     shutdown.cancel();
     for t in tasks {
         let _ = t.await;

@@ -58,6 +58,11 @@ async fn branch(pg: bool) -> Result<Branch> {
         files_rescan_interval: Duration::from_secs(3600),
         files_settle: LONG_SETTLE,
         files_ignore: branch_listener::config::default_files_ignore(),
+        tls_cert_file: None,
+        tls_key_file: None,
+        rate_limit_per_second: 0,
+        rate_limit_burst: 1,
+        max_concurrent_requests: 64,
     };
     let db = Db::connect_lazy(&config, true)?;
     install::install(&db, &Catalogue::product_management(), true).await?;

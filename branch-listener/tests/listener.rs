@@ -142,6 +142,11 @@ async fn branch(backend: Backend) -> Result<Branch> {
         files_rescan_interval: Duration::from_secs(300),
         files_settle: Duration::from_secs(2),
         files_ignore: branch_listener::config::default_files_ignore(),
+        tls_cert_file: None,
+        tls_key_file: None,
+        rate_limit_per_second: 0,
+        rate_limit_burst: 1,
+        max_concurrent_requests: 64,
     };
     let db = Db::connect_lazy(&config, true)?;
     let app = match backend {
@@ -1221,6 +1226,24 @@ async fn long_open_transaction_does_not_stall_others() -> Result<()> {
         st.oldest_open_writer.is_some(),
         "A is reported as an open writer: {body}"
     );
+    // ... and as the horizon held back in /metrics (polled: the gauge is process-wide and
+    // other tests' scrapes may set it meanwhile).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = server.get("/metrics", Some(TOKEN)).await?;
+        let age = text
+            .lines()
+            .find_map(|l| l.strip_prefix("branch_listener_oldest_open_writer_age_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if age.is_some_and(|a| a > 0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "oldest_open_writer_age_seconds stays {age:?} while A is open:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     a.commit().await?;
     // A committed after the tick that served B: it arrives in the next window, not lost.
     let r2 = server.changes(Some(&r1.next), 100, 0).await?;
@@ -1595,5 +1618,209 @@ async fn cancelled_requests_leave_no_transaction_open() -> Result<()> {
         }
     }
     assert_eq!(served, 300, "every committed change is served once");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Snapshot and checksums (initial load, resync, verify).
+
+async fn get_json<T: serde::de::DeserializeOwned>(server: &Server, path: &str) -> Result<T> {
+    let (status, body) = server.get(path, Some(TOKEN)).await?;
+    if status != 200 {
+        bail!("GET {path}: {status} {body}");
+    }
+    serde_json::from_str(&body).with_context(|| body.clone())
+}
+
+/// `/v1/snapshot/start` makes T0 and the stream from it holds only later changes;
+/// `/v1/snapshot` pages cover the table in key order with the trigger's exact row
+/// images; `/v1/checksums` chunks hash the canonical rows; bad parameters are 400s
+/// naming the parameter.
+async fn snapshot_pages_and_checksums(backend: Backend) -> Result<()> {
+    use schemas::canonical::{canonical_row, RowHasher, Zone};
+    use schemas::wire::{ChecksumsResponse, SnapshotPage, SnapshotStart};
+    let b = installed(backend).await?;
+    for id in 1..=25 {
+        let desc = if id % 5 == 0 { "" } else { "d" };
+        b.app.exec(&product(id, desc, "19.90")).await?;
+    }
+    b.app
+        .exec("UPDATE products SET description = NULL, updated_at = '2026-03-29 02:30:00' WHERE product_id = 7")
+        .await?;
+    let server = Server::start(&b.config).await?;
+    let mut after = None;
+    let stream = drain(&server, &mut after, 1000).await?;
+    let images: HashMap<i64, String> = stream
+        .iter()
+        .flat_map(|r| r.changes.iter())
+        .filter(|c| c.table == "products")
+        .map(|c| (pk_id(c), c.row.as_ref().unwrap().get().to_string()))
+        .collect();
+
+    let start: SnapshotStart = get_json(&server, "/v1/snapshot/start").await?;
+    assert_eq!(start.instance_id, start.start.instance_id);
+    assert_eq!(start.tables.len(), 4);
+    // Pages of 10: 10 + 10 + 5 rows, in key order, each the trigger's image.
+    let mut rows = Vec::new();
+    let mut page_after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut path = "/v1/snapshot?table=products&limit=10".to_string();
+        if let Some(a) = &page_after {
+            path.push_str(&format!("&after={}", urlencode(a)));
+        }
+        let p: SnapshotPage = get_json(&server, &path).await?;
+        pages += 1;
+        assert!(p.head.tick >= start.start.tick);
+        rows.extend(p.rows.iter().map(|r| r.get().to_string()));
+        match p.next_after {
+            Some(a) => page_after = Some(a.get().to_string()),
+            None => break,
+        }
+    }
+    assert_eq!((pages, rows.len()), (3, 25));
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(raw_field(r, "product_id"), (i + 1).to_string());
+        assert_eq!(r, &images[&(i as i64 + 1)], "same JSON as the trigger");
+    }
+    // The stream after T0 holds only what happened after it.
+    b.app.exec(&product(26, "late", "1")).await?;
+    let later = server.changes(Some(&start.start), 1000, 0).await?;
+    let ids: Vec<i64> = later.changes.iter().map(pk_id).collect();
+    assert_eq!(ids, vec![26], "{later:?}");
+
+    // Checksums: chunks of 10 over 26 rows.
+    let c: ChecksumsResponse =
+        get_json(&server, "/v1/checksums?table=products&chunk=10&chunks=2").await?;
+    assert_eq!(c.chunks.len(), 2);
+    assert!(c.more);
+    let c2: ChecksumsResponse = get_json(
+        &server,
+        &format!(
+            "/v1/checksums?table=products&chunk=10&chunks=5&after={}",
+            urlencode(c.chunks[1].last_key.get())
+        ),
+    )
+    .await?;
+    assert_eq!(c2.chunks.len(), 1);
+    assert!(!c2.more);
+    assert_eq!(c2.chunks[0].rows, 6);
+    let zone = Zone::parse("Europe/Berlin").unwrap();
+    let cat = Catalogue::product_management();
+    let t = cat.table("products").unwrap();
+    let mut h = RowHasher::new();
+    for r in &rows[..10] {
+        h.add(&canonical_row(t, r, zone)?);
+    }
+    assert_eq!(c.chunks[0].rows, 10);
+    assert_eq!(c.chunks[0].hash, h.finish());
+    assert_eq!(raw_field(c.chunks[0].first_key.get(), "product_id"), "1");
+    assert_eq!(raw_field(c.chunks[1].last_key.get(), "product_id"), "20");
+    // One changed value changes its chunk's hash only.
+    b.app
+        .exec("UPDATE products SET unit_price = 19.91 WHERE product_id = 15")
+        .await?;
+    let c3: ChecksumsResponse =
+        get_json(&server, "/v1/checksums?table=products&chunk=10&chunks=2").await?;
+    assert_eq!(c3.chunks[0].hash, c.chunks[0].hash);
+    assert_ne!(c3.chunks[1].hash, c.chunks[1].hash);
+
+    // Bad parameters.
+    for (path, names) in [
+        ("/v1/snapshot", "table: missing"),
+        ("/v1/snapshot?table=_pull_changes", "not a replicated table"),
+        ("/v1/snapshot?table=products&after=%5B1%5D", "after:"),
+        ("/v1/snapshot?table=products&limit=0", "limit:"),
+        ("/v1/checksums?table=products&chunk=x", "chunk:"),
+        (
+            "/v1/checksums?table=products&chunk=100000&chunks=100",
+            "rows per request",
+        ),
+    ] {
+        let (status, body) = server.get(path, Some(TOKEN)).await?;
+        assert_eq!(status, 400, "{path}: {body}");
+        let e: ErrorBody = serde_json::from_str(&body)?;
+        assert!(e.error.message.contains(names), "{path}: {body}");
+    }
+    for path in [
+        "/v1/snapshot/start",
+        "/v1/snapshot?table=products",
+        "/v1/checksums?table=products",
+    ] {
+        assert_eq!(server.get(path, None).await?.0, 401, "{path}");
+    }
+    server.stop().await
+}
+both!(snapshot_pages_and_checksums);
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+// check-config's database check.
+
+#[tokio::test]
+async fn check_config_reports_the_database() -> Result<()> {
+    use branch_listener::preflight::{database, DatabaseState};
+    let b = branch(Backend::Sqlite).await?;
+    assert_eq!(database(&b.config).await?, DatabaseState::NotInstalled);
+    install::install(&b.db, &Catalogue::product_management(), true).await?;
+    let meta = b.db.meta().await?;
+    assert_eq!(
+        database(&b.config).await?,
+        DatabaseState::Installed {
+            instance_id: meta.instance_id
+        }
+    );
+    // A SQLite file that does not exist is not created by the check.
+    let mut gone = b.config.clone();
+    let missing = b.dir.path().join("nowhere").join("pm.db");
+    gone.database_url = format!("sqlite://{}", missing.display());
+    let st = database(&gone).await?;
+    assert!(!st.reachable(), "{st:?}");
+    assert!(
+        st.line().starts_with("database: NOT reachable"),
+        "{}",
+        st.line()
+    );
+    assert!(!missing.exists());
+
+    // The command: reported, exit 0; with --require-database, exit 1.
+    let path = b.dir.path().join("gone.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "location = \"b01\"\ndatabase_url = {:?}\ntoken_file = {:?}\n",
+            gone.database_url,
+            b.config.token_file.display().to_string()
+        ),
+    )?;
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_branch-listener"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .args(extra)
+            .env_remove("BRANCH_LISTENER_CONFIG")
+            .output()
+    };
+    let out = run(&[])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("database: NOT reachable"), "{stdout}");
+    let out = run(&["--require-database"])?;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }

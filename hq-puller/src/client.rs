@@ -3,12 +3,11 @@
 
 use crate::config::Location;
 use crate::error::{Error, Result};
-use schemas::wire::{error_code, ChangesResponse, ErrorBody};
+use schemas::wire::{
+    error_code, ChangesResponse, ChecksumsResponse, ErrorBody, SnapshotPage, SnapshotStart,
+};
 use schemas::Cursor;
 use std::time::Duration;
-
-/// Largest response body accepted (decompressed), against a hostile or broken listener.
-pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -16,9 +15,13 @@ pub struct Client {
     changes_url: url::Url,
     /// `v1/files/` under the location's base URL.
     files_url: url::Url,
+    /// Base URL of the listener (ends with '/'), for the snapshot and checksum calls.
+    base: url::Url,
     /// The first token of the location's token file is sent (redacted in `Debug`).
     tokens: schemas::secret::Tokens,
     request_timeout: Duration,
+    /// Largest response body accepted (decompressed): `max_response_bytes`.
+    max_body_bytes: u64,
 }
 
 /// A fetched batch and its size on the wire (decompressed).
@@ -30,7 +33,9 @@ pub struct Fetched {
 
 impl Client {
     pub fn new(loc: &Location) -> Result<Client> {
-        let http = reqwest::Client::builder()
+        let http = loc
+            .transport
+            .configure(reqwest::Client::builder())
             .gzip(true)
             .zstd(true)
             .connect_timeout(loc.connect_timeout)
@@ -43,6 +48,7 @@ impl Client {
             base.set_path(&p);
         }
         let changes_url = base
+            .clone()
             .join("v1/changes")
             .map_err(|e| Error::Config(format!("location {}: url: {e}", loc.id)))?;
         let files_url = base
@@ -52,8 +58,10 @@ impl Client {
             http,
             changes_url,
             files_url,
+            base,
             tokens: loc.tokens.clone(),
             request_timeout: loc.request_timeout,
+            max_body_bytes: loc.transport.max_response_bytes,
         })
     }
 
@@ -77,6 +85,21 @@ impl Client {
             }
         }
         let timeout = self.request_timeout + Duration::from_secs(u64::from(wait.unwrap_or(0)));
+        let body = self.get_body(url, timeout).await?;
+        let response: ChangesResponse = serde_json::from_slice(&body).map_err(|e| {
+            Error::permanent(format!("listener sent a malformed changes response: {e}"))
+        })?;
+        Ok(Fetched {
+            response,
+            bytes: body.len() as u64,
+        })
+    }
+}
+
+impl Client {
+    /// `GET url` with the token; the body (bounded by [`MAX_BODY_BYTES`]) of a
+    /// successful response, or the error mapped to its kind.
+    async fn get_body(&self, url: url::Url, timeout: Duration) -> Result<Vec<u8>> {
         let mut resp = self
             .http
             .get(url)
@@ -86,13 +109,14 @@ impl Client {
             .await
             .map_err(|e| Error::transient(describe(&e)))?;
         let status = resp.status();
+        let max = self.max_body_bytes;
         let too_big = |n: u64| {
             Error::permanent(format!(
-                "listener response of {n} bytes or more exceeds the limit of {MAX_BODY_BYTES} bytes"
+                "listener response of {n} bytes or more exceeds max_response_bytes = {max}"
             ))
         };
         if let Some(len) = resp.content_length() {
-            if len > MAX_BODY_BYTES as u64 {
+            if len > max {
                 return Err(too_big(len));
             }
         }
@@ -103,21 +127,82 @@ impl Client {
             .await
             .map_err(|e| Error::transient(describe(&e)))?
         {
-            if body.len() + chunk.len() > MAX_BODY_BYTES {
+            if (body.len() + chunk.len()) as u64 > max {
                 return Err(too_big((body.len() + chunk.len()) as u64));
             }
             body.extend_from_slice(&chunk);
         }
         if !status.is_success() {
+            if status == reqwest::StatusCode::NOT_FOUND {
+                return Err(Error::NotSupported(format!(
+                    "listener has no {} endpoint (older version?)",
+                    resp.url().path()
+                )));
+            }
             return Err(http_error(status, &body));
         }
-        let response: ChangesResponse = serde_json::from_slice(&body).map_err(|e| {
-            Error::permanent(format!("listener sent a malformed changes response: {e}"))
+        Ok(body)
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<(T, u64)> {
+        let mut url = self
+            .base
+            .join(path)
+            .map_err(|e| Error::Other(format!("listener url: {e}")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in query {
+                q.append_pair(k, v);
+            }
+        }
+        let body = self.get_body(url, self.request_timeout).await?;
+        let n = body.len() as u64;
+        let v = serde_json::from_slice(&body).map_err(|e| {
+            Error::permanent(format!("listener sent a malformed {path} response: {e}"))
         })?;
-        Ok(Fetched {
-            response,
-            bytes: body.len() as u64,
-        })
+        Ok((v, n))
+    }
+
+    /// `GET /v1/snapshot/start`: T0 and the tables.
+    pub async fn snapshot_start(&self) -> Result<SnapshotStart> {
+        Ok(self.get_json("v1/snapshot/start", &[]).await?.0)
+    }
+
+    /// `GET /v1/snapshot?table=..&after=..&limit=..`; also returns the body size.
+    pub async fn snapshot_page(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(SnapshotPage, u64)> {
+        let mut q = vec![("table", table.to_string()), ("limit", limit.to_string())];
+        if let Some(a) = after {
+            q.push(("after", a.to_string()));
+        }
+        self.get_json("v1/snapshot", &q).await
+    }
+
+    /// `GET /v1/checksums?table=..&after=..&chunk=..&chunks=..`.
+    pub async fn checksums(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        chunk: u32,
+        chunks: u32,
+    ) -> Result<ChecksumsResponse> {
+        let mut q = vec![
+            ("table", table.to_string()),
+            ("chunk", chunk.to_string()),
+            ("chunks", chunks.to_string()),
+        ];
+        if let Some(a) = after {
+            q.push(("after", a.to_string()));
+        }
+        Ok(self.get_json("v1/checksums", &q).await?.0)
     }
 }
 
@@ -161,7 +246,12 @@ pub fn describe(e: &reqwest::Error) -> String {
     while let Some(s) = root.source() {
         root = s;
     }
-    format!("{what}{at}: {root}")
+    let hint = if root.to_string().contains("certificate") {
+        " (TLS: check the location's ca_file and the listener's tls_cert_file)"
+    } else {
+        ""
+    };
+    format!("{what}{at}: {root}{hint}")
 }
 
 /// Maps an HTTP error status (and the listener's error body, when it has one) to a kind.
@@ -192,6 +282,7 @@ pub fn http_error(status: reqwest::StatusCode, body: &[u8]) -> Error {
         410 => Error::resync(format!(
             "our cursor points into pruned history at the branch: {message}"
         )),
+        429 => Error::transient(format!("listener rate-limited us (HTTP 429): {message}")),
         400..=499 => Error::permanent(format!(
             "listener refused the request (HTTP {s} {code}): {message}"
         )),
@@ -235,5 +326,9 @@ mod tests {
             http_error(StatusCode::BAD_REQUEST, &body("bad_request")).kind(),
             ErrorKind::Permanent
         );
+        // A rate limit is a reason to come back later, not to pause.
+        let e = http_error(StatusCode::TOO_MANY_REQUESTS, &body("rate_limited"));
+        assert_eq!(e.kind(), ErrorKind::Transient);
+        assert!(e.to_string().contains("rate-limited"));
     }
 }

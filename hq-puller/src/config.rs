@@ -51,6 +51,25 @@ pub struct Config {
     /// What a file deleted at a branch becomes at HQ (default for every location).
     #[serde(default)]
     pub file_delete: crate::files::FileDelete,
+    /// Rows per snapshot page of initial loads and resyncs.
+    #[serde(default = "default_snapshot_page_rows")]
+    pub snapshot_page_rows: u32,
+    /// PEM file of the private CA(s) that signed the listeners' certificates; when set,
+    /// only these CAs are trusted (not the public web roots). Per location: `ca_file`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Allows `http://` listener URLs (token and data unencrypted; warned at start).
+    #[serde(default)]
+    pub allow_plain_http: bool,
+    /// Largest listener response accepted (bytes, decompressed).
+    #[serde(default = "crate::transport::default_max_response_bytes")]
+    pub max_response_bytes: u64,
+    /// Serves the read-only dashboard and `/api/status` when set (loopback only unless
+    /// `admin_allow_remote`).
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub admin_allow_remote: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -94,6 +113,15 @@ pub struct LocationConfig {
     pub connect_timeout: Option<Duration>,
     #[serde(default)]
     pub file_delete: Option<crate::files::FileDelete>,
+    /// Resync automatically (snapshot reload) when the branch needs it.
+    #[serde(default)]
+    pub auto_resync: bool,
+    /// Overrides the global `ca_file` for this location.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Overrides the global `allow_plain_http` for this location.
+    #[serde(default)]
+    pub allow_plain_http: Option<bool>,
 }
 
 fn default_schedule() -> String {
@@ -113,6 +141,9 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_batch_limit() -> u32 {
     5000
+}
+fn default_snapshot_page_rows() -> u32 {
+    schemas::wire::DEFAULT_SNAPSHOT_LIMIT
 }
 fn default_true() -> bool {
     true
@@ -134,6 +165,10 @@ pub struct Location {
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub file_delete: crate::files::FileDelete,
+    /// `needs_resync` triggers a resync at once instead of waiting for an operator.
+    pub auto_resync: bool,
+    /// TLS trust, plain-HTTP permission, response size cap (see [`crate::transport`]).
+    pub transport: crate::transport::Transport,
 }
 
 /// A validated configuration.
@@ -147,6 +182,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub locations: Vec<Location>,
+    pub snapshot_page_rows: u32,
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -227,6 +264,12 @@ impl Config {
         if self.batch_limit == 0 {
             problems.push("batch_limit: must be at least 1".into());
         }
+        if !(1..=schemas::wire::MAX_SNAPSHOT_LIMIT).contains(&self.snapshot_page_rows) {
+            problems.push(format!(
+                "snapshot_page_rows: must be between 1 and {}",
+                schemas::wire::MAX_SNAPSHOT_LIMIT
+            ));
+        }
         if self.run_budget.is_zero() {
             problems.push("run_budget: must be more than 0s".into());
         }
@@ -284,11 +327,20 @@ impl Config {
                     None
                 }
             };
+            let transport = match crate::transport::Transport::resolve(self, l, url.as_ref()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    problems.push(format!("{at}: {e}"));
+                    None
+                }
+            };
             let batch_limit = l.batch_limit.unwrap_or(self.batch_limit);
             if batch_limit == 0 {
                 problems.push(format!("{at}: batch_limit: must be at least 1"));
             }
-            if let (Some(url), Some(cron), Some(tokens)) = (url, cron, tokens) {
+            if let (Some(url), Some(cron), Some(tokens), Some(transport)) =
+                (url, cron, tokens, transport)
+            {
                 locations.push(Location {
                     id: l.id.clone(),
                     name: l.name.clone(),
@@ -302,9 +354,18 @@ impl Config {
                     request_timeout: l.request_timeout.unwrap_or(self.request_timeout),
                     connect_timeout: l.connect_timeout.unwrap_or(self.connect_timeout),
                     file_delete: l.file_delete.unwrap_or(self.file_delete),
+                    auto_resync: l.auto_resync,
+                    transport,
                 });
             }
         }
+        if self.max_response_bytes < 1024 {
+            problems.push("max_response_bytes: must be at least 1024".into());
+        }
+        problems.extend(crate::dashboard::check_listen(
+            self.admin_listen,
+            self.admin_allow_remote,
+        ));
         if !problems.is_empty() {
             return Err(Error::Config(problems.join("\n")));
         }
@@ -317,6 +378,8 @@ impl Config {
             metrics_listen: self.metrics_listen,
             log_format: self.log_format,
             locations,
+            snapshot_page_rows: self.snapshot_page_rows,
+            admin_listen: self.admin_listen,
         })
     }
 }

@@ -41,6 +41,9 @@ pub enum Error {
     Scheduler(String),
     #[error("{0}")]
     Other(String),
+    /// The listener lacks an endpoint (404): an older listener version.
+    #[error("{0}")]
+    NotSupported(String),
 }
 
 impl Error {
@@ -70,6 +73,7 @@ impl Error {
             Error::Database(e) => db_error_kind(e),
             Error::Config(_) | Error::Migrate(_) => ErrorKind::Permanent,
             Error::Scheduler(_) | Error::Other(_) => ErrorKind::Transient,
+            Error::NotSupported(_) => ErrorKind::Permanent,
         }
     }
 }

@@ -11,20 +11,31 @@
 //! - [`pull`]: draining one location (fetch → validate → apply).
 //! - [`schedule`]: cron jobs, stream tasks, no overlap, concurrency cap, backoff, watchdog.
 //! - [`metrics`]: Prometheus metrics and `/metrics`.
+//! - [`dashboard`]: the read-only dashboard and `/api/status` on `admin_listen`.
 //! - [`status`]: the `status` command's table and JSON.
+//! - [`load`]: initial load and resync by snapshot pages (`sync.loads`), then the stream.
+//! - [`verify`]: `verify`: chunk checksums against the branch, drilled to differing keys.
+//! - [`progress`]: progress bars (terminal) or periodic log lines.
 //! - [`error`]: the error type and its kinds (transient / permanent / needs resync).
+//! - [`transport`]: per-location TLS trust (`ca_file`), `allow_plain_http`, response size cap.
 
 pub mod apply;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod files;
+pub mod load;
 pub mod metrics;
+pub mod preflight;
+pub mod progress;
 pub mod pull;
 pub mod schedule;
 pub mod status;
 pub mod store;
+pub mod transport;
 pub mod validate;
+pub mod verify;
 
 use crate::config::Settings;
 pub use crate::error::{Error, ErrorKind, Result};
@@ -145,6 +156,7 @@ pub async fn pull_once(app: &Arc<App>, locations: &[String]) -> Result<Vec<pull:
 /// `hq-puller run`: the service. Returns after `shutdown` once in-flight batches have
 /// committed or rolled back.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
+    transport::warn_plain_http(&settings);
     let app = App::connect(settings, shutdown.clone()).await?;
     check_migrated(&app).await?;
     store::register_locations(&app.pool, &app.settings.locations).await?;
@@ -160,6 +172,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     }
     if let Some(addr) = app.settings.metrics_listen {
         if let Some(handle) = metrics::install() {
+            for row in store::status(&app.pool).await? {
+                metrics::restore(&row);
+            }
             let token = shutdown.clone();
             app.tracker.spawn(async move {
                 if let Err(e) = metrics::serve(addr, handle, token).await {
@@ -168,12 +183,23 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             });
         }
     }
+    if let Some(addr) = app.settings.admin_listen {
+        let (a, token) = (app.clone(), shutdown.clone());
+        app.tracker.spawn(async move {
+            if let Err(e) = dashboard::serve(a, addr, token).await {
+                tracing::error!(%addr, error = %e, "dashboard failed");
+            }
+        });
+    }
     let sched = schedule::Scheduler::start(app.clone()).await?;
+    schemas::systemd::notify_ready();
+    schemas::systemd::spawn_watchdog();
     tracing::info!(
         locations = app.settings.locations.iter().filter(|l| l.enabled).count(),
         "hq-puller running"
     );
     shutdown.cancelled().await;
+    schemas::systemd::notify_stopping();
     tracing::info!("shutting down: finishing in-flight batches");
     sched.shutdown().await;
     app.tracker.close();

@@ -49,7 +49,33 @@ enum Command {
     /// Clear a `paused` or `needs_resync` state after the cause was fixed.
     Resume { location: String },
     /// Validate the configuration and print each location's next three run times.
-    CheckConfig,
+    CheckConfig {
+        /// Exit 1 when the HQ database is not reachable (otherwise it is only reported).
+        #[arg(long)]
+        require_database: bool,
+    },
+    /// Reload a location from a branch snapshot (after needs_resync): staged, then
+    /// switched in one transaction; streaming continues from the snapshot.
+    Resync { location: String },
+    /// Compare HQ with the branch chunk by chunk; list differing keys. Exit 0 only when
+    /// equal.
+    Verify {
+        /// The location to verify.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        location: Option<String>,
+        /// Verify every enabled location.
+        #[arg(long)]
+        all: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Rows per checksum chunk.
+        #[arg(long, default_value_t = schemas::wire::DEFAULT_CHUNK_ROWS)]
+        chunk_rows: u32,
+        /// How long to wait for HQ to catch up before reporting a difference.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        settle: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,7 +108,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, Error> {
     match cmd {
-        Command::CheckConfig => {
+        Command::CheckConfig { require_database } => {
             let now = chrono::Utc::now();
             println!(
                 "configuration ok: {} locations, catalogue of {} tables",
@@ -103,7 +129,13 @@ async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, 
                 };
                 println!("{:<12} {:<24} {}  next: {}", l.id, l.schedule, l.url, when);
             }
-            Ok(ExitCode::SUCCESS)
+            let db = hq_puller::preflight::database(&settings).await;
+            println!("{}", db.line());
+            Ok(if require_database && !db.reachable() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Run => {
             let shutdown = CancellationToken::new();
@@ -149,6 +181,7 @@ async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, 
                 }
                 vec![id]
             };
+            hq_puller::transport::warn_plain_http(&settings);
             let app = App::connect(settings, shutdown).await?;
             hq_puller::check_migrated(&app).await?;
             let reports = hq_puller::pull_once(&app, &targets).await?;
@@ -187,6 +220,96 @@ async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, 
                 print!("{}", hq_puller::status::table(&rows));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Resync { location } => {
+            let Some(loc) = settings.location(&location).cloned() else {
+                return Err(Error::Config(format!(
+                    "unknown location {location:?} (not in the config)"
+                )));
+            };
+            let shutdown = CancellationToken::new();
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                s.cancel();
+            });
+            let app = App::connect(settings, shutdown).await?;
+            hq_puller::check_migrated(&app).await?;
+            match hq_puller::load::resync(&app, &loc).await? {
+                hq_puller::load::Loaded::Done { start, rows } => {
+                    println!(
+                        "{location}: resynced {rows} rows; streaming continues from tick {}",
+                        start.tick
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                hq_puller::load::Loaded::Interrupted => {
+                    println!("{location}: resync interrupted; run it again to resume");
+                    Ok(ExitCode::from(1))
+                }
+                hq_puller::load::Loaded::Unsupported => {
+                    println!("{location}: the listener cannot serve a snapshot (upgrade it)");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::Verify {
+            location,
+            all,
+            json,
+            chunk_rows,
+            settle,
+        } => {
+            let targets: Vec<_> = if all {
+                settings
+                    .locations
+                    .iter()
+                    .filter(|l| l.enabled)
+                    .cloned()
+                    .collect()
+            } else {
+                let id = location.expect("clap requires a location without --all");
+                match settings.location(&id) {
+                    Some(l) => vec![l.clone()],
+                    None => {
+                        return Err(Error::Config(format!(
+                            "unknown location {id:?} (not in the config)"
+                        )))
+                    }
+                }
+            };
+            let app = App::connect(settings, CancellationToken::new()).await?;
+            hq_puller::check_migrated(&app).await?;
+            let opts = hq_puller::verify::Options {
+                chunk_rows: chunk_rows.max(1),
+                settle,
+                ..Default::default()
+            };
+            let mut results = Vec::new();
+            for l in &targets {
+                results.push(hq_puller::verify::verify_location(&app, l, &opts).await);
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&results).expect("results serialize")
+                );
+            } else {
+                for r in &results {
+                    print!("{r}");
+                }
+                let bad = results.iter().filter(|r| !r.equal).count();
+                println!(
+                    "verify: {} of {} locations equal",
+                    results.len() - bad,
+                    results.len()
+                );
+            }
+            Ok(if results.iter().all(|r| r.equal) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Resume { location } => {
             let app = App::connect(settings, CancellationToken::new()).await?;

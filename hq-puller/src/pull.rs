@@ -57,7 +57,14 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
         .ok_or_else(|| Error::Other(format!("unknown location {location:?}")))?
         .clone();
     let row = store::load_location(&app.pool, &loc.id).await?;
-    if row.state == state::PAUSED || row.state == state::NEEDS_RESYNC {
+    if row.state == state::NEEDS_RESYNC && loc.auto_resync {
+        return auto_resync(app, &loc).await;
+    }
+    let resyncing = row.state == state::LOADING
+        && crate::load::load_row(&app.pool, &loc.id)
+            .await?
+            .is_some_and(|l| l.kind == crate::load::kind::RESYNC);
+    if row.state == state::PAUSED || row.state == state::NEEDS_RESYNC || resyncing {
         tracing::debug!(location = %loc.id, state = %row.state, "not pulling until hq-puller resume");
         m::set_state(&loc.id, &row.state);
         return Ok(RunReport {
@@ -83,6 +90,7 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
                 if o == outcome::OK && totals.batches == 0 {
                     // A caught-up run also clears a `failing` state.
                     store::clear_failing(&app.pool, &loc.id).await?;
+                    m::caught_up(&loc.id);
                 }
                 m::set_state(&loc.id, state::OK);
                 (o, None)
@@ -116,6 +124,10 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
             err.as_ref().map(|(m, _)| m.as_str()),
         )
         .await?;
+        if loc.auto_resync && err.as_ref().is_some_and(|(_, k)| *k == ErrorKind::NeedsResync) {
+            auto_resync(app, &loc).await?;
+        }
+        crate::dashboard::samples::record(&app.pool, &loc.id).await?;
         Ok(RunReport {
             location: loc.id.clone(),
             run_id: Some(run_id),
@@ -129,6 +141,32 @@ pub async fn drain(app: &App, location: &str, wait: Option<u32>) -> Result<RunRe
     .await
 }
 
+/// `auto_resync = true`: a location that needs a resync is reloaded at once.
+async fn auto_resync(app: &App, loc: &Location) -> Result<RunReport> {
+    tracing::warn!(location = %loc.id, "location needs a resync: auto_resync is on, reloading its snapshot");
+    let r = crate::load::resync(app, loc).await;
+    let (outcome, error, error_kind) = match &r {
+        Ok(crate::load::Loaded::Done { .. }) => (outcome::OK.to_string(), None, None),
+        Ok(other) => (format!("{other:?}").to_lowercase(), None, None),
+        Err(e) => (
+            outcome::FAILED.to_string(),
+            Some(e.to_string()),
+            Some(e.kind()),
+        ),
+    };
+    if let Err(e) = &r {
+        tracing::error!(location = %loc.id, error = %e, "auto resync failed");
+    }
+    Ok(RunReport {
+        location: loc.id.clone(),
+        run_id: None,
+        totals: RunTotals::default(),
+        outcome,
+        error,
+        error_kind,
+    })
+}
+
 async fn run_loop(
     app: &App,
     loc: &Location,
@@ -136,6 +174,18 @@ async fn run_loop(
     totals: &mut RunTotals,
     mut wait: Option<u32>,
 ) -> Result<&'static str> {
+    if pos.cursor.is_none() {
+        // A location without a cursor first loads the branch's existing rows.
+        match crate::load::initial(app, loc).await? {
+            crate::load::Loaded::Done { start, rows } => {
+                totals.changes += rows as i64;
+                pos.cursor = Some(start);
+                pos.instance = Some(start.instance_id);
+            }
+            crate::load::Loaded::Interrupted => return Ok(outcome::INTERRUPTED),
+            crate::load::Loaded::Unsupported => {}
+        }
+    }
     let started = Instant::now();
     loop {
         if app.shutdown.is_cancelled() {
@@ -182,10 +232,12 @@ async fn step(
         return Ok(Step::CaughtUp);
     }
     let after_tick = pos.cursor.map(|c| c.tick).unwrap_or(0);
+    // Every line about this batch carries its range (inside the run's span).
+    let span = tracing::info_span!("batch", from = after_tick, to = resp.next.tick, changes = n);
     // File contents are downloaded and verified before the transaction; abandoned on
     // shutdown (partial downloads are resumed next time).
     let files = tokio::select! {
-        r = crate::files::prepare(app, &loc.id, &checked.files) => r?,
+        r = crate::files::prepare(app, &loc.id, &checked.files).instrument(span.clone()) => r?,
         _ = app.shutdown.cancelled() => return Ok(Step::Interrupted),
     };
     let t1 = Instant::now();
@@ -199,7 +251,9 @@ async fn step(
         &checked,
         &files,
     )
+    .instrument(span.clone())
     .await?;
+    let _batch = span.enter();
     metrics::histogram!(m::APPLY_DURATION, "location" => loc.id.clone())
         .record(t1.elapsed().as_secs_f64());
     let Applied::Committed { rows } = applied else {

@@ -14,7 +14,9 @@ pub mod state {
     pub const FAILING: &str = "failing";
     pub const PAUSED: &str = "paused";
     pub const NEEDS_RESYNC: &str = "needs_resync";
-    pub const ALL: [&str; 4] = [OK, FAILING, PAUSED, NEEDS_RESYNC];
+    /// An initial load or a resync is running (see `sync.loads`).
+    pub const LOADING: &str = "loading";
+    pub const ALL: [&str; 5] = [OK, FAILING, PAUSED, NEEDS_RESYNC, LOADING];
 }
 
 /// Run outcomes (`sync.runs.outcome`).

@@ -134,7 +134,8 @@ pub fn check<'a>(
     if resp.location != expected.location {
         return bad(format!(
             "batch is for location {:?}, configured location is {:?} (wrong url or token?)",
-            resp.location, expected.location
+            clip(&resp.location),
+            expected.location
         ));
     }
     if resp.after != expected.after {
@@ -179,6 +180,9 @@ pub fn check<'a>(
     let mut seqs = HashSet::with_capacity(resp.changes.len());
     let mut out = Vec::with_capacity(resp.changes.len());
     let mut files = Vec::new();
+    // Sequences are not required to increase: on a PostgreSQL branch a transaction that
+    // drew lower sequence numbers can commit later, into a later window of the same
+    // batch (the apply keeps the newest sequence per key). Duplicates are refused.
     for c in &resp.changes {
         if !seqs.insert(c.seq) {
             return bad(format!("duplicate seq {} in one batch", c.seq));
@@ -206,7 +210,10 @@ pub fn check<'a>(
         if pk_cols != want {
             return bad(format!(
                 "change seq {}: pk of table {} has columns {:?}, expected exactly {:?}",
-                c.seq, table.name, pk_cols, want
+                c.seq,
+                table.name,
+                pk_cols.iter().take(8).map(|k| clip(k)).collect::<Vec<_>>(),
+                want
             ));
         }
         for (k, v) in &pk {
@@ -261,8 +268,8 @@ pub fn check<'a>(
                                 "change seq {}: row of {} has key {k} = {} but pk says {}",
                                 c.seq,
                                 table.name,
-                                v.get(),
-                                pk[k].get()
+                                clip(v.get()),
+                                clip(pk[k].get())
                             ))
                         }
                         _ => {}
@@ -283,6 +290,15 @@ pub fn check<'a>(
         changes: out,
         files,
     })
+}
+
+/// At most 64 characters of a value from the wire, for messages.
+fn clip(s: &str) -> String {
+    let mut out: String = s.chars().take(64).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
 }
 
 fn show(c: Option<&Cursor>) -> String {
@@ -346,6 +362,36 @@ mod tests {
         .contains("no row image"));
         assert!(err(&format!(r#"{{"seq":1,"table":"inventory","op":"D","pk":{{"product_id":1}},"row":{{"product_id":1}},{TS}}}"#)).contains("row null"));
         assert!(err(&format!(r#"{{"seq":1,"table":"inventory","op":"I","pk":{{"product_id":1}},"row":{{"product_id":2}},{TS}}}"#)).contains("pk says"));
+    }
+
+    /// Timestamps are information, never a reason to refuse: a branch clock minutes
+    /// ahead or behind HQ's changes nothing, and the lag is never negative.
+    #[test]
+    fn branch_clock_skew_is_accepted_and_lag_is_sane() {
+        let future = (chrono::Utc::now() + chrono::Duration::minutes(30)).to_rfc3339();
+        let past = (chrono::Utc::now() - chrono::Duration::minutes(30)).to_rfc3339();
+        let mut r = resp(&format!(
+            r#"{{"seq":1,"table":"inventory","op":"D","pk":{{"product_id":1}},"row":null,"ts":"{future}"}},
+               {{"seq":2,"table":"inventory","op":"D","pk":{{"product_id":2}},"row":null,"ts":"{past}"}}"#
+        ));
+        assert_eq!(
+            check(&r, &exp(), &Catalogue::product_management())
+                .unwrap()
+                .changes
+                .len(),
+            2
+        );
+        r.more = true;
+        assert_eq!(
+            crate::apply::lag_seconds(&r),
+            0.0,
+            "a future ts gives no lag"
+        );
+        r.changes.remove(0);
+        let lag = crate::apply::lag_seconds(&r);
+        assert!((1700.0..1900.0).contains(&lag), "{lag}");
+        r.more = false;
+        assert_eq!(crate::apply::lag_seconds(&r), 0.0, "caught up: no lag");
     }
 
     #[test]

@@ -10,14 +10,18 @@
 //! - [`migrations`]: the sqlx migrations of the HQ `sync` schema.
 //! - [`secret`]: bearer tokens read from files with permission checks, compared in
 //!   constant time, never printed.
+//! - [`canonical`]: canonical values and row hashes (verify, the test oracle).
 //! - [`telemetry`]: tracing set-up shared by both binaries.
+//! - [`systemd`]: `READY=1` / `STOPPING=1` notifications (`Type=notify`).
 
+pub mod canonical;
 pub mod catalogue;
 pub mod cursor;
 pub mod files;
 pub mod migrations;
 pub mod secret;
 pub mod sql;
+pub mod systemd;
 pub mod telemetry;
 pub mod wire;
 

@@ -12,6 +12,10 @@ pub fn init(json: bool) {
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
-        builder.with_target(false).try_init()
+        // Colours only on a terminal: a log file or the journal gets plain text.
+        builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
     };
 }

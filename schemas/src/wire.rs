@@ -124,6 +124,8 @@ pub mod error_code {
     pub const UNAVAILABLE: &str = "unavailable";
     /// 500: anything else.
     pub const INTERNAL: &str = "internal";
+    /// 429: the client exceeded the listener's request rate (retry after `Retry-After`).
+    pub const RATE_LIMITED: &str = "rate_limited";
 }
 
 /// The oldest open transaction at the branch that has written changes not yet servable
@@ -156,6 +158,72 @@ pub struct StatusResponse {
     /// The newest tick HQ acknowledged.
     pub acked_tick: Option<i64>,
     pub oldest_open_writer: Option<OpenWriter>,
+}
+
+/// Default and maximum rows of one `/v1/snapshot` page.
+pub const DEFAULT_SNAPSHOT_LIMIT: u32 = 20_000;
+pub const MAX_SNAPSHOT_LIMIT: u32 = 100_000;
+/// Default rows per chunk of `/v1/checksums`, default and maximum chunks per response,
+/// and the most rows one response may cover.
+pub const DEFAULT_CHUNK_ROWS: u32 = 10_000;
+pub const DEFAULT_CHUNKS: u32 = 20;
+pub const MAX_CHECKSUM_ROWS: u64 = 1_000_000;
+
+/// Response of `GET /v1/snapshot/start`: the point the snapshot is consistent with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotStart {
+    pub protocol: u32,
+    pub location: String,
+    pub instance_id: Uuid,
+    pub time_zone: String,
+    /// A tick made for this call (T0), taken before any page is read: the change stream
+    /// from here replays every change a page may have missed or seen half.
+    pub start: Cursor,
+    /// The catalogue tables the branch serves, in apply order.
+    pub tables: Vec<String>,
+}
+
+/// Response of `GET /v1/snapshot?table=T[&after=KEY]&limit=N`: rows in key order.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotPage {
+    pub protocol: u32,
+    pub location: String,
+    pub instance_id: Uuid,
+    pub table: String,
+    /// Row images (same JSON as the capture triggers produce).
+    pub rows: Vec<Box<RawValue>>,
+    /// Key image of the last row: `after` of the next page; `None` when this page ended
+    /// the table.
+    pub next_after: Option<Box<RawValue>>,
+    /// The newest tick after the page was read: once HQ's cursor reaches it, HQ has
+    /// applied every change the page saw (verify waits for it before reporting).
+    pub head: Cursor,
+}
+
+/// One chunk of `/v1/checksums`: the rows of the key range (previous chunk's last key,
+/// `last_key`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Chunk {
+    pub first_key: Box<RawValue>,
+    pub last_key: Box<RawValue>,
+    pub rows: u64,
+    /// [`crate::canonical::RowHasher`] over the chunk's canonical rows.
+    pub hash: String,
+}
+
+/// Response of `GET /v1/checksums?table=T[&after=KEY]&chunk=N&chunks=M`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChecksumsResponse {
+    pub protocol: u32,
+    pub location: String,
+    pub instance_id: Uuid,
+    pub time_zone: String,
+    pub table: String,
+    pub chunks: Vec<Chunk>,
+    /// Whether rows remain after the last chunk (continue with `after` = its last key).
+    pub more: bool,
+    /// The newest tick after the chunks were read.
+    pub head: Cursor,
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! each value to a canonical text, and reports row counts, a checksum per side, and
 //! every differing key: missing at HQ, extra at HQ, or different values.
 //!
-//! Canonical values:
+//! Canonical values (numeric and boolean forms from `schemas::canonical`, shared with
+//! `hq-puller verify` and `/v1/checksums`):
 //! - numeric: decimal text without insignificant zeros (`19.9` == `19.90` == `1.99e1`);
 //! - timestamp: the instant in UTC with microseconds. Zone-less SQLite text is read in
 //!   the branch's zone (converted by HQ's PostgreSQL, `AT TIME ZONE`), text with an
@@ -18,6 +19,7 @@
 
 use crate::db::Backend;
 use anyhow::{Context, Result};
+use schemas::canonical::{canonical_bool, canonical_decimal};
 use schemas::catalogue::{ColumnType, Table};
 use schemas::sql::q;
 use schemas::Catalogue;
@@ -138,72 +140,6 @@ fn first(keys: &[String]) -> String {
         s.push_str(", ...");
     }
     s
-}
-
-/// Decimal text in canonical form; `None` if `s` is not a decimal number.
-pub fn canonical_decimal(s: &str) -> Option<String> {
-    let s = s.trim();
-    let (neg, body) = match s.as_bytes().first()? {
-        b'-' => (true, &s[1..]),
-        b'+' => (false, &s[1..]),
-        _ => (false, s),
-    };
-    let (mantissa, exp) = match body.find(['e', 'E']) {
-        Some(i) => (&body[..i], body[i + 1..].parse::<i64>().ok()?),
-        None => (body, 0),
-    };
-    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    if int.is_empty() && frac.is_empty() {
-        return None;
-    }
-    if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    // digits * 10^(exp - frac.len())
-    let digits: String = format!("{int}{frac}");
-    let point = int.len() as i64 + exp; // position of the decimal point in `digits`
-    let digits = digits.trim_start_matches('0');
-    let lead_zeros = (int.len() + frac.len()) as i64 - digits.len() as i64;
-    let point = point - lead_zeros;
-    let digits = digits.to_string();
-    if digits.is_empty() {
-        return Some("0".into());
-    }
-    let (i, f) = if point <= 0 {
-        (
-            "0".to_string(),
-            format!("{}{}", "0".repeat((-point) as usize), digits),
-        )
-    } else if point as usize >= digits.len() {
-        (
-            format!("{}{}", digits, "0".repeat(point as usize - digits.len())),
-            String::new(),
-        )
-    } else {
-        (
-            digits[..point as usize].to_string(),
-            digits[point as usize..].to_string(),
-        )
-    };
-    let f = f.trim_end_matches('0');
-    let mut out = String::new();
-    if neg {
-        out.push('-');
-    }
-    out.push_str(&i);
-    if !f.is_empty() {
-        out.push('.');
-        out.push_str(f);
-    }
-    Some(out)
-}
-
-fn canonical_bool(s: &str) -> String {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "1" | "t" | "true" => "true".into(),
-        "0" | "f" | "false" => "false".into(),
-        other => other.to_string(),
-    }
 }
 
 const PG_INSTANT: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'";
@@ -563,26 +499,6 @@ pub async fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn decimals_compare_by_value() {
-        for (a, b) in [
-            ("19.9", "19.90"),
-            ("20", "20.00"),
-            ("0.05", "000.0500"),
-            ("-1.50", "-1.5"),
-            ("1.99e1", "19.9"),
-            ("1.0e+15", "1000000000000000"),
-            ("12345678901.23", "12345678901.230"),
-            ("0", "0.00"),
-            ("5e-3", "0.005"),
-        ] {
-            assert_eq!(canonical_decimal(a), canonical_decimal(b), "{a} vs {b}");
-        }
-        assert_ne!(canonical_decimal("19.9"), canonical_decimal("19.09"));
-        assert_eq!(canonical_decimal("abc"), None);
-        assert_eq!(canonical_decimal("-0.10").as_deref(), Some("-0.1"));
-    }
 
     #[test]
     fn booleans_and_sorting() {

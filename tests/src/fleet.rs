@@ -18,6 +18,52 @@ use std::time::Duration;
 pub struct BranchOptions {
     pub time_zone: String,
     pub tick_interval: String,
+    /// Serve HTTPS with these files (see `deploy/make-test-ca.sh`).
+    pub tls: Option<TlsFiles>,
+    /// Extra lines of the listener's config file.
+    pub extra: String,
+}
+
+/// A listener's certificate and key, and the CA HQ trusts for it.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// Runs `deploy/make-test-ca.sh dir 127.0.0.1 localhost`: a CA (kept across calls
+    /// with the same `dir`) and a server certificate for the loopback address.
+    pub fn make(dir: &Path) -> Result<TlsFiles> {
+        let script = crate::pg::workspace_root().join("deploy/make-test-ca.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(dir)
+            .args(["127.0.0.1", "localhost"])
+            .output()
+            .context("running deploy/make-test-ca.sh")?;
+        if !out.status.success() {
+            bail!(
+                "deploy/make-test-ca.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(TlsFiles {
+            cert: dir.join("127.0.0.1.pem"),
+            key: dir.join("127.0.0.1.key"),
+            ca: dir.join("ca.pem"),
+        })
+    }
+
+    /// A client trusting only this CA.
+    pub fn client(&self) -> Result<reqwest::Client> {
+        let pem = std::fs::read(&self.ca)?;
+        Ok(reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .build()?)
+    }
 }
 
 impl Default for BranchOptions {
@@ -25,6 +71,8 @@ impl Default for BranchOptions {
         BranchOptions {
             time_zone: "UTC".into(),
             tick_interval: "1s".into(),
+            tls: None,
+            extra: String::new(),
         }
     }
 }
@@ -44,6 +92,10 @@ pub struct BranchNode {
     pub files_dir: PathBuf,
     pub log: PathBuf,
     pub proc: Option<Proc>,
+    pub tls: Option<TlsFiles>,
+    extra: String,
+    /// The URL HQ is configured with, when not [`BranchNode::url`] (e.g. a fault proxy).
+    pub hq_url: Option<String>,
 }
 
 impl BranchNode {
@@ -76,6 +128,9 @@ impl BranchNode {
             files_dir,
             log: home.join("branch-listener.log"),
             proc: None,
+            tls: opts.tls.clone(),
+            extra: opts.extra.clone(),
+            hq_url: None,
         };
         b.write_config()?;
         Ok(b)
@@ -83,6 +138,14 @@ impl BranchNode {
 
     /// Writes the listener's config file (all documented keys the tests need).
     fn write_config(&self) -> Result<()> {
+        let tls = match &self.tls {
+            Some(t) => format!(
+                "tls_cert_file = {:?}\ntls_key_file = {:?}\n",
+                t.cert.display().to_string(),
+                t.key.display().to_string()
+            ),
+            None => String::new(),
+        } + &self.extra;
         std::fs::write(
             &self.config,
             format!(
@@ -93,7 +156,7 @@ impl BranchNode {
                  time_zone = {tz:?}\n\
                  files_dir = {fd:?}\n\
                  tick_interval = {ti:?}\n\
-                 log_format = \"text\"\n",
+                 log_format = \"text\"\n{tls}",
                 loc = self.location,
                 db = self.database_url,
                 port = self.port,
@@ -107,7 +170,16 @@ impl BranchNode {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// An HTTP client for this listener (trusting its CA when it serves HTTPS).
+    pub fn http_client(&self) -> Result<reqwest::Client> {
+        match &self.tls {
+            Some(t) => t.client(),
+            None => Ok(reqwest::Client::new()),
+        }
     }
 
     fn config_arg(&self) -> String {
@@ -172,7 +244,7 @@ impl BranchNode {
     }
 
     pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
-        let client = reqwest::Client::new();
+        let client = self.http_client()?;
         let deadline = std::time::Instant::now() + timeout;
         let mut last = String::from("not answering yet");
         loop {
@@ -224,6 +296,13 @@ impl BranchNode {
 
     /// `GET /v1/status` with the branch's token.
     pub async fn status(&self, client: &reqwest::Client) -> Result<StatusResponse> {
+        let own;
+        let client = if self.tls.is_some() {
+            own = self.http_client()?;
+            &own
+        } else {
+            client
+        };
         let r = client
             .get(format!("{}/v1/status", self.url()))
             .bearer_auth(&self.token)
@@ -281,6 +360,10 @@ pub struct HqOptions {
     pub run_budget: String,
     pub request_timeout: String,
     pub batch_limit: u32,
+    /// Extra top-level TOML lines (default: `allow_plain_http = true`).
+    pub extra: String,
+    /// Every location's `mode`: `schedule` or `stream`.
+    pub mode: String,
 }
 
 impl Default for HqOptions {
@@ -291,6 +374,8 @@ impl Default for HqOptions {
             run_budget: "20s".into(),
             request_timeout: "5s".into(),
             batch_limit: 5000,
+            extra: "allow_plain_http = true\n".into(),
+            mode: "schedule".into(),
         }
     }
 }
@@ -314,7 +399,8 @@ impl Hq {
              request_timeout = {rt:?}\n\
              connect_timeout = \"2s\"\n\
              batch_limit = {bl}\n\
-             log_format = \"text\"\n",
+             log_format = \"text\"\n{extra}",
+            extra = opts.extra,
             db = database_url,
             s = opts.schedule,
             m = opts.max_concurrent_pulls,
@@ -325,10 +411,11 @@ impl Hq {
         );
         for b in branches {
             text.push_str(&format!(
-                "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {url:?}\ntoken_file = {tf:?}\n",
+                "\n[[locations]]\nid = {id:?}\nname = {name:?}\nurl = {url:?}\ntoken_file = {tf:?}\nmode = {mode:?}\n",
+                mode = opts.mode,
                 id = b.location,
                 name = format!("Branch {}", b.location),
-                url = b.url(),
+                url = b.hq_url.clone().unwrap_or_else(|| b.url()),
                 tf = b.hq_token_file.display().to_string(),
             ));
         }

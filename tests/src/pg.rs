@@ -75,6 +75,25 @@ pub async fn fresh_database(prefix: &str) -> Result<String> {
     Ok(with_database(&admin, &name))
 }
 
+/// Drops a database made by [`fresh_database`] (closing its connections): benchmarks
+/// free their disk as they go.
+pub async fn drop_database(url: &str) -> Result<()> {
+    let name = url
+        .rsplit_once('/')
+        .map(|(_, db)| db.split('?').next().unwrap_or(db))
+        .filter(|db| !db.is_empty() && *db != "postgres")
+        .with_context(|| format!("no database to drop in {url}"))?;
+    let mut conn = PgConnection::connect(&admin_url()?).await?;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    ))
+    .execute(&mut conn)
+    .await
+    .with_context(|| format!("dropping database {name}"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +117,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(one, 1);
+        drop(c);
+        drop_database(&a).await.unwrap();
+        assert!(PgConnection::connect(&a).await.is_err(), "{a} still exists");
+        drop_database(&b).await.unwrap();
     }
 }

@@ -190,6 +190,25 @@ impl World {
                 let id = v[&t.primary_key[0]].as_i64().context("integer key")?;
                 newest.insert((tbl, id), seq);
             }
+            // Keys whose newest change precedes the initial load's snapshot (T0) were
+            // loaded from it (`_seq = 0`, deleted ones absent): the oracle covers them.
+            let t0: Option<String> =
+                sqlx::query_scalar("SELECT snapshot_cursor FROM sync.locations WHERE id = $1")
+                    .bind(&b.location)
+                    .fetch_one(&self.hq.pool)
+                    .await?;
+            let base: i64 = match t0 {
+                Some(t0) => {
+                    let t0: schemas::Cursor = t0.parse()?;
+                    sqlx::query_scalar("SELECT head_seq FROM _pull_ticks WHERE tick_id = ?1")
+                        .bind(t0.tick)
+                        .fetch_optional(&mut c)
+                        .await?
+                        .unwrap_or(0)
+                }
+                None => 0,
+            };
+            newest.retain(|_, s| *s > base);
             let mut at_hq: HashMap<(String, i64), i64> = HashMap::new();
             for t in &cat.tables {
                 let rows: Vec<(i64, i64)> = sqlx::query_as(&format!(
@@ -199,7 +218,7 @@ impl World {
                 .bind(&b.location)
                 .fetch_all(&self.hq.pool)
                 .await?;
-                for (id, seq) in rows {
+                for (id, seq) in rows.into_iter().filter(|(_, s)| *s > 0) {
                     at_hq.insert((t.name.clone(), id), seq);
                 }
             }
@@ -559,3 +578,6 @@ async fn long_open_postgres_transaction_is_applied_after_it_commits() -> Result<
     assert_eq!(category.as_deref(), Some(""));
     w.shutdown().await
 }
+
+/// Initial load, resync and verify (issue 6).
+mod load;

@@ -1,8 +1,10 @@
 //! Integration tests of hq-puller against a real PostgreSQL (tests::pg) and fake
 //! listeners (fake.rs).
 
+mod docs_coverage;
 mod fake;
 mod files;
+mod fuzz;
 
 use fake::{ch, Behaviour, Branch, Fake, TOKEN};
 use hq_puller::config::{self, Settings};
@@ -47,7 +49,7 @@ async fn hq_with(locations: &[(&str, &str, &str)], extra: &str) -> Hq {
     let db = tests::pg::fresh_database("hqp").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token = write_token(dir.path(), "token", 0o600);
-    let mut toml = format!("database_url = \"{db}\"\n{extra}\n");
+    let mut toml = format!("database_url = \"{db}\"\nallow_plain_http = true\n{extra}\n");
     for (id, base, more) in locations {
         toml.push_str(&format!(
             "[[locations]]\nid = \"{id}\"\nname = \"Branch {id}\"\nurl = \"{base}/{id}\"\ntoken_file = \"{}\"\n{more}\n",
@@ -755,7 +757,11 @@ fn check_config_names_each_problem() {
     let unreadable = dir.path().join("unreadable");
     std::fs::create_dir(&unreadable).unwrap();
     std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let head = "database_url = \"postgres://hq@localhost/hq\"\nschedule = \"*/5 * * * * *\"\n";
+    let plain_head =
+        "database_url = \"postgres://hq@localhost/hq\"\nschedule = \"*/5 * * * * *\"\n";
+    let head = &format!("{plain_head}allow_plain_http = true\n");
+    let not_pem = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
 
     let (code, out, err) = check_config(dir.path(), &format!("{head}{}", loc("b01", "", &good)));
     assert_eq!(code, 0, "{err}");
@@ -790,10 +796,52 @@ fn check_config_names_each_problem() {
             "unreadable: Is a directory",
         ),
         (format!("{head}{}", loc("b01", "", &open)), "chmod 600"),
+        (
+            format!(
+                "{head}admin_listen = \"0.0.0.0:9465\"\n{}",
+                loc("b01", "", &good)
+            ),
+            "admin_allow_remote = true",
+        ),
         (format!("{head}{}", loc("B 01", "", &good)), "id must match"),
         (
             format!("{head}{}", loc("b01", "", &good)).replace("http://127.0.0.1:7070", "ftp://x"),
             "url",
+        ),
+        // Plain http without allow_plain_http: an error naming the location.
+        (
+            format!("{plain_head}{}", loc("b01", "", &good)),
+            "locations[0] (id \"b01\"): url \"http://127.0.0.1:7070\" is plain http",
+        ),
+        // A per-location `false` overrides the global `true`.
+        (
+            format!("{head}{}", loc("b01", "allow_plain_http = false", &good)),
+            "is plain http",
+        ),
+        (
+            format!(
+                "{plain_head}ca_file = \"{}\"\n{}",
+                dir.path().join("nope.pem").display(),
+                loc("b01", "", &good)
+            )
+            .replace("http://", "https://"),
+            "ca_file: cannot read",
+        ),
+        (
+            format!(
+                "{plain_head}{}",
+                loc(
+                    "b01",
+                    &format!("ca_file = \"{}\"", not_pem.display()),
+                    &good
+                )
+            )
+            .replace("http://", "https://"),
+            "holds no PEM certificate",
+        ),
+        (
+            format!("{head}max_response_bytes = 10\n{}", loc("b01", "", &good)),
+            "max_response_bytes: must be at least 1024",
         ),
     ];
     for (toml, needle) in cases {
@@ -1138,4 +1186,55 @@ async fn status_json_lists_every_location() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(loc_row(hq.pool(), "s_bad").await.0, "ok");
+}
+
+#[tokio::test]
+async fn check_config_reports_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path(), "t", 0o600);
+    let url = tests::pg::fresh_database("hq_check").await.unwrap();
+    let write = |db: &str| {
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "database_url = {db:?}\n[[locations]]\nid = \"b01\"\nurl = \"http://127.0.0.1:7070\"\ntoken_file = {:?}\n",
+                token.display().to_string()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let run = |p: &Path, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hq-puller"))
+            .args(args)
+            .arg("--config")
+            .arg(p)
+            .env_remove("HQ_PULLER_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let good = write(&url);
+    let (code, out) = run(&good, &["check-config", "--require-database"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("database: reachable,") && out.contains("migrations pending"),
+        "{out}"
+    );
+    let (code, out) = run(&good, &["migrate"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = run(&good, &["check-config"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("database: reachable, migrated"), "{out}");
+    // Nothing listens on port 1: reported, and an error only when required.
+    let bad = write("postgres://hq@127.0.0.1:1/hq");
+    let (code, out) = run(&bad, &["check-config"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("database: NOT reachable"), "{out}");
+    let (code, _) = run(&bad, &["check-config", "--require-database"]);
+    assert_eq!(code, 1);
 }

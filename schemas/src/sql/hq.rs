@@ -92,6 +92,11 @@ fn decoded(table: &Table, name: &str, ty: ColumnType) -> String {
 
 /// The set-wise upsert of one table. `$1`: JSON array of images, `$2`: location id.
 pub fn upsert(table: &Table) -> String {
+    upsert_into(table, &mirror_table(table))
+}
+
+/// [`upsert`] into another table of the same columns (a resync's staging table).
+pub fn upsert_into(table: &Table, target: &str) -> String {
     let cols: Vec<String> = table.columns.iter().map(|c| q(&c.name)).collect();
     let values: Vec<String> = table
         .columns
@@ -119,7 +124,7 @@ pub fn upsert(table: &Table) -> String {
          ON CONFLICT (location_id, {keys}) DO UPDATE SET {set_clause}\
          _seq = EXCLUDED._seq, _deleted = EXCLUDED._deleted, _applied_at = EXCLUDED._applied_at \
          WHERE t._seq < EXCLUDED._seq",
-        tbl = mirror_table(table),
+        tbl = target,
         cols = cols.join(", "),
         values = values.join(", "),
         record = record.join(", "),

@@ -9,6 +9,7 @@
 
 pub mod hq;
 pub mod postgres;
+pub mod snapshot;
 pub mod sqlite;
 
 /// Version of the branch pull-area layout. Stored in the pull area's metadata; install

@@ -73,7 +73,7 @@ fn json_value(rec: &str, name: &str, ty: ColumnType) -> String {
 }
 
 /// `jsonb_build_object` takes at most 100 arguments: chunk and concatenate.
-fn jsonb_object(rec: &str, table: &Table, cols: &[&str]) -> String {
+pub(crate) fn jsonb_object(rec: &str, table: &Table, cols: &[&str]) -> String {
     let parts: Vec<String> = cols
         .chunks(40)
         .map(|chunk| {

@@ -70,7 +70,7 @@ fn json_value(rec: &str, name: &str, ty: ColumnType) -> String {
     }
 }
 
-fn json_object(rec: &str, table: &Table, cols: &[&str]) -> String {
+pub(crate) fn json_object(rec: &str, table: &Table, cols: &[&str]) -> String {
     let args: Vec<String> = cols
         .iter()
         .map(|name| {
@@ -81,12 +81,12 @@ fn json_object(rec: &str, table: &Table, cols: &[&str]) -> String {
     format!("json_object({})", args.join(", "))
 }
 
-fn pk_object(rec: &str, table: &Table) -> String {
+pub(crate) fn pk_object(rec: &str, table: &Table) -> String {
     let keys: Vec<&str> = table.primary_key.iter().map(String::as_str).collect();
     json_object(rec, table, &keys)
 }
 
-fn row_object(rec: &str, table: &Table) -> String {
+pub(crate) fn row_object(rec: &str, table: &Table) -> String {
     let cols: Vec<&str> = table.column_names().collect();
     json_object(rec, table, &cols)
 }

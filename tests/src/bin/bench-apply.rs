@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tests::bench::median_min_max as median;
+use tests::bench::Summary;
 use tests::process::{free_port, write_private};
 
 #[derive(Parser, Clone)]
@@ -51,6 +52,9 @@ struct Args {
     /// Measure only the peers (logical replication, COPY).
     #[arg(long)]
     peers_only: bool,
+    /// How long the idle service runs before its RSS is read, seconds.
+    #[arg(long, default_value_t = 25)]
+    idle_seconds: u64,
 }
 
 /// W's shape for `changes` row changes: (inserts, updates, deletes).
@@ -143,7 +147,7 @@ async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
     let mut listeners = Vec::new();
     let mut hq = format!(
         "database_url = \"{hq_url}\"\nschedule = \"0 0 0 1 1 *\"\nmax_concurrent_pulls = {}\n\
-         files_dir = \"{}\"\nbatch_limit = {}\nrun_budget = \"1h\"\n",
+         files_dir = \"{}\"\nbatch_limit = {}\nrun_budget = \"1h\"\nallow_plain_http = true\n",
         args.max_concurrent,
         dir.path().join("hq-files").display(),
         args.batch_limit
@@ -162,7 +166,7 @@ async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
             &cfg,
             format!(
                 "location = \"{loc}\"\ndatabase_url = \"sqlite://{}\"\nlisten = \"127.0.0.1:{port}\"\n\
-                 token_file = \"{}\"\nretention = \"24h\"\n",
+                 token_file = \"{}\"\nretention = \"24h\"\nrate_limit_per_second = 0\n",
                 db.display(),
                 tok.display()
             ),
@@ -206,22 +210,7 @@ async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
     })
 }
 
-/// Peak RSS (VmHWM) of a running process in KiB, if readable.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
+use tests::bench::{peak_rss_kib, rss_kib};
 
 struct Ours {
     seconds: f64,
@@ -231,7 +220,13 @@ struct Ours {
 
 async fn run_ours(args: &Args) -> Result<Ours> {
     let hq_url = tests::pg::fresh_database("bench_apply_hq").await?;
-    let b = prepare_ours(args, &hq_url).await?;
+    let r = run_ours_on(args, &hq_url).await;
+    tests::pg::drop_database(&hq_url).await?;
+    r
+}
+
+async fn run_ours_on(args: &Args, hq_url: &str) -> Result<Ours> {
+    let b = prepare_ours(args, hq_url).await?;
     let puller = bin_dir(args).join("hq-puller");
     let st = Command::new(&puller)
         .args(["migrate", "--config"])
@@ -264,7 +259,7 @@ async fn run_ours(args: &Args) -> Result<Ours> {
         bail!("hq-puller pull --all failed");
     }
     // Sanity: HQ holds W's end state.
-    let mut hq = PgConnection::connect(&hq_url).await?;
+    let mut hq = PgConnection::connect(hq_url).await?;
     let (ins, _, del) = shape(args.changes);
     let live: i64 = sqlx::query_scalar("SELECT count(*) FROM hq.products_live")
         .fetch_one(&mut hq)
@@ -285,7 +280,7 @@ async fn run_ours(args: &Args) -> Result<Ours> {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()?;
-    tokio::time::sleep(Duration::from_secs(25)).await; // measurement window, not synchronization
+    tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await; // measurement window, not synchronization
     let idle = rss_kib(svc.id()).unwrap_or(0);
     let _ = svc.kill();
     let _ = svc.wait();
@@ -327,62 +322,21 @@ fn pg_workload_sql((ins, upd, del): (u64, u64, u64)) -> Vec<String> {
 async fn run_logical(args: &Args) -> Result<f64> {
     let src_url = tests::pg::fresh_database("bench_lr_src").await?;
     let dst_url = tests::pg::fresh_database("bench_lr_dst").await?;
-    let mut src = PgConnection::connect(&src_url).await?;
-    let mut dst = PgConnection::connect(&dst_url).await?;
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
-    let slot = format!("bench_{tag}");
-    src.execute(PEER_TABLE).await?;
-    dst.execute(PEER_TABLE).await?;
-    src.execute(format!("CREATE PUBLICATION pub_{tag} FOR TABLE products").as_str())
-        .await?;
-    // Same cluster: the slot must be created outside CREATE SUBSCRIPTION.
-    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
-        .bind(&slot)
-        .execute(&mut src)
-        .await?;
-    let src_db: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&mut src)
-        .await?;
-    let port: i32 = sqlx::query_scalar("SELECT current_setting('port')::int")
-        .fetch_one(&mut src)
-        .await?;
-    dst.execute(
-        format!(
-            "CREATE SUBSCRIPTION sub_{tag} CONNECTION 'host=127.0.0.1 port={port} dbname={src_db} user=postgres' \
-             PUBLICATION pub_{tag} WITH (create_slot = false, slot_name = '{slot}', enabled = false, copy_data = false)"
-        )
-        .as_str(),
-    )
-    .await?;
+    let mut lr =
+        tests::peers::LogicalReplication::create(&src_url, &dst_url, PEER_TABLE, "products", false)
+            .await?;
     for s in pg_workload_sql(shape(args.changes)) {
-        src.execute(s.as_str()).await?;
+        lr.src.execute(s.as_str()).await?;
     }
-    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&mut src)
-        .await?;
+    let target = lr.source_lsn().await?;
     let t0 = Instant::now();
-    dst.execute(format!("ALTER SUBSCRIPTION sub_{tag} ENABLE").as_str())
+    lr.enable().await?;
+    lr.wait_confirmed(&target, Duration::from_secs(1800))
         .await?;
-    loop {
-        let done: bool = sqlx::query_scalar(
-            "SELECT coalesce(confirmed_flush_lsn >= $2::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
-        )
-        .bind(&slot)
-        .bind(&target)
-        .fetch_one(&mut src)
-        .await?;
-        if done {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(1800) {
-            bail!("logical replication did not catch up in 30 min");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     let secs = t0.elapsed().as_secs_f64();
     let (ins, _, del) = shape(args.changes);
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
-        .fetch_one(&mut dst)
+        .fetch_one(&mut lr.dst)
         .await?;
     if n as u64 != ins - del {
         bail!(
@@ -390,16 +344,9 @@ async fn run_logical(args: &Args) -> Result<f64> {
             ins - del
         );
     }
-    dst.execute(format!("ALTER SUBSCRIPTION sub_{tag} DISABLE").as_str())
-        .await?;
-    dst.execute(format!("ALTER SUBSCRIPTION sub_{tag} SET (slot_name = NONE)").as_str())
-        .await?;
-    dst.execute(format!("DROP SUBSCRIPTION sub_{tag}").as_str())
-        .await?;
-    sqlx::query("SELECT pg_drop_replication_slot($1)")
-        .bind(&slot)
-        .execute(&mut src)
-        .await?;
+    lr.drop_all().await?;
+    tests::pg::drop_database(&src_url).await?;
+    tests::pg::drop_database(&dst_url).await?;
     Ok(secs)
 }
 
@@ -425,7 +372,10 @@ async fn run_copy(args: &Args) -> Result<(f64, u64)> {
     let mut copy = c.copy_in_raw("COPY products FROM STDIN").await?;
     copy.send(data.as_bytes()).await?;
     copy.finish().await?;
-    Ok((t0.elapsed().as_secs_f64(), ins))
+    let secs = t0.elapsed().as_secs_f64();
+    c.close().await?;
+    tests::pg::drop_database(&url).await?;
+    Ok((secs, ins))
 }
 
 #[tokio::main]
@@ -463,24 +413,76 @@ async fn main() -> Result<()> {
         let (m, lo, hi) = median(secs);
         (n / m, n / hi, n / lo)
     };
+    let mut ours_rate = None;
+    let mut lr_rate = None;
     if !ours.is_empty() {
         let (m, lo, hi) = rate(ours.iter().map(|o| o.seconds).collect(), total);
         println!("| ours: hq-puller pull --all, changes/s | {m:.0} | {lo:.0}–{hi:.0} |");
+        ours_rate = Some(m);
     }
     if !args.no_peers {
         let (m, lo, hi) = rate(lr, total);
         println!("| PostgreSQL logical replication, changes/s | {m:.0} | {lo:.0}–{hi:.0} |");
+        lr_rate = Some(m);
         let (m, lo, hi) = rate(copy, copy_rows as f64);
         println!("| COPY of the applied rows (floor), rows/s | {m:.0} | {lo:.0}–{hi:.0} |");
+        Summary {
+            figure: format!(
+                "COPY of the applied rows (floor), rows/s, {} changes",
+                ins + upd + del
+            ),
+            ours: "—".into(),
+            peer: format!("{m:.0}"),
+            ratio: "—".into(),
+            target: "—".into(),
+            met: "n/a".into(),
+        }
+        .print();
+    }
+    if let Some(o) = ours_rate {
+        let (peer, ratio, met) = match lr_rate {
+            Some(p) => (
+                format!("{p:.0} (logical replication)"),
+                format!("{:.2}×", o / p),
+                tests::bench::met(o >= p),
+            ),
+            None => ("not measured".into(), "—".into(), "n/a".into()),
+        };
+        Summary {
+            figure: format!(
+                "catch-up of {} changes over {} locations, changes/s",
+                ins + upd + del,
+                args.locations
+            ),
+            ours: format!("{o:.0}"),
+            peer,
+            ratio,
+            target: "≥ logical replication".into(),
+            met,
+        }
+        .print();
     }
     if !ours.is_empty() {
         let (m, lo, hi) = median(ours.iter().map(|o| o.peak_rss_mib).collect());
         println!("| hq-puller peak RSS while catching up, MiB | {m:.1} | {lo:.1}–{hi:.1} |");
+        let loaded = m;
         let (m, lo, hi) = median(ours.iter().map(|o| o.idle_rss_mib).collect());
         println!(
             "| hq-puller RSS idle ({} locations, 10 s schedule), MiB | {m:.1} | {lo:.1}–{hi:.1} |",
             args.locations
         );
+        Summary {
+            figure: format!(
+                "hq-puller RSS, {} locations idle / loaded, MiB",
+                args.locations
+            ),
+            ours: format!("{m:.1} / {loaded:.1}"),
+            peer: "—".into(),
+            ratio: "—".into(),
+            target: "< 64 / < 256".into(),
+            met: tests::bench::met(m < 64.0 && loaded < 256.0),
+        }
+        .print();
     }
     println!(
         "reproduce: cargo build --release --workspace --bins && target/release/bench-apply --changes {} --locations {} --reps {} --batch-limit {} --max-concurrent {}",

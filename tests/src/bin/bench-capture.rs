@@ -19,6 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection, Executor, PgConnection, SqliteConnection};
 use std::time::{Duration, Instant};
 use tests::bench::median_min_max as median;
+use tests::bench::{met, Summary};
 
 #[derive(Parser)]
 struct Args {
@@ -108,6 +109,7 @@ async fn run_pg(args: &Args, v: Variant, server: bool) -> Result<Timing> {
     if server {
         let t = run_pg_server(&mut c, args).await?;
         c.close().await?;
+        tests::pg::drop_database(&url).await?;
         return Ok(t);
     }
     let now = chrono::Utc::now();
@@ -144,6 +146,7 @@ async fn run_pg(args: &Args, v: Variant, server: bool) -> Result<Timing> {
     }
     let update = t1.elapsed();
     c.close().await?;
+    tests::pg::drop_database(&url).await?;
     Ok(Timing { insert, update })
 }
 
@@ -269,7 +272,14 @@ async fn run_sqlite_server(c: &mut SqliteConnection, args: &Args) -> Result<Timi
     })
 }
 
-fn report(backend: &str, driven: &str, variants: &[Variant], results: &[(Variant, Timing)]) {
+/// Prints the rows of one backend and mode; returns each variant's ratio to "no trigger".
+fn report(
+    backend: &str,
+    driven: &str,
+    variants: &[Variant],
+    results: &[(Variant, Timing)],
+) -> Vec<(Variant, f64)> {
+    let mut ratios = Vec::new();
     let total = |v: Variant| -> Vec<f64> {
         results
             .iter()
@@ -298,7 +308,31 @@ fn report(backend: &str, driven: &str, variants: &[Variant], results: &[(Variant
             median(upd).0,
             m / base
         );
+        ratios.push((v, m / base));
     }
+    ratios
+}
+
+/// The summary line of the trigger cost (client-driven, the measure).
+fn summarize(backend: &str, ratios: &[(Variant, f64)], limit: f64) {
+    let ratio = |v| ratios.iter().find(|(x, _)| *x == v).map(|(_, r)| *r);
+    let Some(ours) = ratio(Variant::PullArea) else {
+        return;
+    };
+    let peer = ratio(Variant::Floor);
+    Summary {
+        figure: format!("trigger cost on {backend} branch transactions (× no trigger)"),
+        ours: format!("{ours:.2}×"),
+        peer: peer
+            .map(|p| format!("{p:.2}× (minimal row-to-JSON trigger)"))
+            .unwrap_or_else(|| "—".into()),
+        ratio: peer
+            .map(|p| format!("{:.2}×", ours / p))
+            .unwrap_or_else(|| "—".into()),
+        target: format!("≤ {limit:.1}×"),
+        met: met(ours <= limit),
+    }
+    .print();
 }
 
 #[tokio::main]
@@ -315,6 +349,7 @@ async fn main() -> Result<()> {
         "server" => &[true],
         _ => &[false, true],
     };
+    let mut summaries = Vec::new();
     for &server in modes {
         let driven = if server { "server" } else { "client" };
         if args.only.as_deref() != Some("sqlite") {
@@ -328,7 +363,10 @@ async fn main() -> Result<()> {
                     results.push((v, t));
                 }
             }
-            report("PostgreSQL", driven, &variants, &results);
+            let r = report("PostgreSQL", driven, &variants, &results);
+            if !server {
+                summaries.push(("PostgreSQL", r, 1.4));
+            }
         }
         if args.only.as_deref() != Some("postgres") {
             let variants = [Variant::None, Variant::PullArea];
@@ -341,8 +379,14 @@ async fn main() -> Result<()> {
                     results.push((v, t));
                 }
             }
-            report("SQLite", driven, &variants, &results);
+            let r = report("SQLite", driven, &variants, &results);
+            if !server {
+                summaries.push(("SQLite", r, 1.5));
+            }
         }
+    }
+    for (backend, ratios, limit) in &summaries {
+        summarize(backend, ratios, *limit);
     }
     println!(
         "reproduce: cargo run --release -p tests --bin bench-capture -- --rows {} --txn {} --reps {} --mode {}",

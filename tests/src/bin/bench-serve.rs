@@ -16,6 +16,7 @@ use sqlx::{Connection, SqliteConnection};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tests::bench::median_min_max as median;
+use tests::bench::Summary;
 use tests::process::{free_port, write_private};
 
 #[derive(Parser)]
@@ -98,7 +99,7 @@ async fn main() -> Result<()> {
         &cfg,
         format!(
             "location = \"b01\"\ndatabase_url = \"sqlite://{}\"\nlisten = \"127.0.0.1:{port}\"\n\
-             token_file = \"{}\"\nmax_limit = 50000\n",
+             token_file = \"{}\"\nmax_limit = 50000\nrate_limit_per_second = 0\n",
             db.display(),
             tok.display()
         ),
@@ -187,6 +188,18 @@ async fn main() -> Result<()> {
             "| {enc} | {m:.0} ({lo:.0}–{hi:.0}) | {bpc:.1} | {:.0}% |",
             100.0 * bpc / identity_bpc
         );
+        if enc == "zstd" {
+            let share = bpc / identity_bpc;
+            Summary {
+                figure: "wire bytes per price update, zstd (what hq-puller negotiates)".into(),
+                ours: format!("{bpc:.1} B ({:.0}% of JSON)", 100.0 * share),
+                peer: format!("{identity_bpc:.1} B (uncompressed JSON)"),
+                ratio: format!("{share:.2}×"),
+                target: "≤ 40% of JSON".into(),
+                met: tests::bench::met(share <= 0.40),
+            }
+            .print();
+        }
     }
     let _ = child.kill();
     let _ = child.wait();

@@ -1,0 +1,327 @@
+//! The snapshot and checksum endpoints (initial load, resync, verify):
+//! - `GET /v1/snapshot/start`: makes a tick (T0) and returns its cursor and the tables;
+//! - `GET /v1/snapshot?table=T[&after=KEY]&limit=N`: a page of row images in key order
+//!   (keyset pagination, each page one short read statement, no long transaction);
+//! - `GET /v1/checksums?table=T[&after=KEY]&chunk=N&chunks=M`: per chunk of N rows in
+//!   key order, first/last key, row count and hash of the canonical rows
+//!   ([`schemas::canonical`]), the same function HQ's `verify` runs on its side.
+//!
+//! Why pages need no common transaction: HQ takes T0 before the first page and then
+//! replays the change stream from T0. Per row, sequence order is commit order, so the
+//! replay ends at the branch's current image whatever state a page saw.
+
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::http::{detached, tolerate_busy, AppState};
+use crate::pull_area::Tick;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::Json;
+use schemas::canonical::{canonical_row, RowHasher, Zone};
+use schemas::catalogue::Table;
+use schemas::sql::snapshot as sql;
+use schemas::wire::{self, ChecksumsResponse, Chunk, SnapshotPage, SnapshotStart};
+use schemas::{Catalogue, Cursor};
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How long a snapshot call waits for SQLite's write lock to make a tick.
+const TICK_PATIENCE: Duration = Duration::from_millis(500);
+
+type Params = std::result::Result<Query<HashMap<String, String>>, QueryRejection>;
+
+fn query(q: Params) -> Result<HashMap<String, String>> {
+    q.map(|Query(q)| q)
+        .map_err(|e| Error::BadRequest(format!("query string: {e}")))
+}
+
+fn catalogue(state: &AppState) -> Result<Catalogue> {
+    state.config.catalogue()
+}
+
+/// The catalogue table named by `table` (never a name from the wire in SQL).
+fn table_param(q: &HashMap<String, String>, cat: &Catalogue) -> Result<Table> {
+    let name = q
+        .get("table")
+        .ok_or_else(|| Error::BadRequest("table: missing (a catalogue table name)".into()))?;
+    cat.table(name).cloned().ok_or_else(|| {
+        Error::BadRequest(format!(
+            "table: {:?} is not a replicated table (catalogue: {})",
+            name.chars().take(64).collect::<String>(),
+            cat.tables
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
+/// `after`: a JSON object holding exactly the table's key columns (scalars).
+fn after_param(q: &HashMap<String, String>, table: &Table) -> Result<Option<String>> {
+    let Some(s) = q.get("after").filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let bad = |why: String| Error::BadRequest(format!("after: {why}"));
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(s)
+        .map_err(|e| bad(format!("not a JSON object of the key columns: {e}")))?;
+    for k in &table.primary_key {
+        match v.get(k) {
+            Some(x) if !x.is_null() && !x.is_array() && !x.is_object() => {}
+            _ => return Err(bad(format!("key column {k:?} missing or not a scalar"))),
+        }
+    }
+    if v.len() != table.primary_key.len() {
+        return Err(bad(format!(
+            "holds columns other than the key ({})",
+            table.primary_key.join(", ")
+        )));
+    }
+    Ok(Some(s.clone()))
+}
+
+fn u32_param(q: &HashMap<String, String>, name: &str, default: u32, max: u32) -> Result<u32> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) if n >= 1 => Ok(n.min(u64::from(max)) as u32),
+            _ => Err(Error::BadRequest(format!(
+                "{name}: {:?} is not a positive integer",
+                s.chars().take(40).collect::<String>()
+            ))),
+        },
+    }
+}
+
+impl Db {
+    /// Rows of `table` after key `after` in key order, at most `limit`:
+    /// `(row image, key image)` JSON texts.
+    pub async fn snapshot_page(
+        &self,
+        table: &Table,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, String)>> {
+        Ok(match self {
+            Db::Sqlite { pool, .. } => {
+                sqlx::query_as(&sql::sqlite_page(table, after.is_some()))
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await?
+            }
+            Db::Postgres(pool) => {
+                sqlx::query_as(&sql::postgres_page(table, after.is_some()))
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await?
+            }
+        })
+    }
+
+    /// A fresh tick when changes are pending (SQLite: if the write lock is free soon),
+    /// then the newest tick.
+    async fn fresh_tick(&self) -> Result<Tick> {
+        tolerate_busy(self.tick_if_new(TICK_PATIENCE).await.map(|_| ()), "tick")?;
+        self.newest_tick().await
+    }
+}
+
+fn raw(s: String) -> Result<Box<RawValue>> {
+    RawValue::from_string(s)
+        .map_err(|e| Error::Database(format!("branch produced malformed JSON: {e}")))
+}
+
+fn cursor(instance_id: uuid::Uuid, t: &Tick) -> Cursor {
+    Cursor {
+        instance_id,
+        tick: t.id,
+        tick_uuid: t.uuid,
+    }
+}
+
+/// `GET /v1/snapshot/start`.
+pub async fn start(State(state): State<AppState>) -> Result<Json<SnapshotStart>> {
+    let cat = catalogue(&state)?;
+    detached(async move {
+        let meta = state.db.meta().await?;
+        let t0 = state.db.fresh_tick().await?;
+        tracing::info!(location = %state.config.location, tick = t0.id, head_seq = t0.head_seq, "snapshot started");
+        Ok(SnapshotStart {
+            protocol: wire::PROTOCOL_VERSION,
+            location: state.config.location.clone(),
+            instance_id: meta.instance_id,
+            time_zone: state.config.time_zone.clone(),
+            start: cursor(meta.instance_id, &t0),
+            tables: cat.tables.iter().map(|t| t.name.clone()).collect(),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+/// `GET /v1/snapshot?table=T[&after=KEY]&limit=N`.
+pub async fn page(State(state): State<AppState>, q: Params) -> Result<Json<SnapshotPage>> {
+    let q = query(q)?;
+    let cat = catalogue(&state)?;
+    let table = table_param(&q, &cat)?;
+    let after = after_param(&q, &table)?;
+    let limit = u32_param(
+        &q,
+        "limit",
+        wire::DEFAULT_SNAPSHOT_LIMIT,
+        wire::MAX_SNAPSHOT_LIMIT,
+    )?;
+    detached(async move {
+        let meta = state.db.meta().await?;
+        let rows = state
+            .db
+            .snapshot_page(&table, after.as_deref(), limit)
+            .await?;
+        let head = state.db.fresh_tick().await?;
+        let full = rows.len() as u64 == u64::from(limit);
+        let mut images = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for (row, key) in rows {
+            images.push(raw(row)?);
+            last = Some(key);
+        }
+        let next_after = if full {
+            last.map(raw).transpose()?
+        } else {
+            None
+        };
+        metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(images.len() as u64);
+        tracing::debug!(table = %table.name, rows = images.len(), "served snapshot page");
+        Ok(SnapshotPage {
+            protocol: wire::PROTOCOL_VERSION,
+            location: state.config.location.clone(),
+            instance_id: meta.instance_id,
+            table: table.name.clone(),
+            rows: images,
+            next_after,
+            head: cursor(meta.instance_id, &head),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+/// `GET /v1/checksums?table=T[&after=KEY]&chunk=N&chunks=M`.
+pub async fn checksums(
+    State(state): State<AppState>,
+    q: Params,
+) -> Result<Json<ChecksumsResponse>> {
+    let q = query(q)?;
+    let cat = catalogue(&state)?;
+    let table = table_param(&q, &cat)?;
+    let mut after = after_param(&q, &table)?;
+    let chunk = u32_param(
+        &q,
+        "chunk",
+        wire::DEFAULT_CHUNK_ROWS,
+        wire::MAX_SNAPSHOT_LIMIT,
+    )?;
+    let chunks = u32_param(&q, "chunks", wire::DEFAULT_CHUNKS, 10_000)?;
+    if u64::from(chunk) * u64::from(chunks) > wire::MAX_CHECKSUM_ROWS {
+        return Err(Error::BadRequest(format!(
+            "chunk × chunks: at most {} rows per request",
+            wire::MAX_CHECKSUM_ROWS
+        )));
+    }
+    let zone = Zone::parse(&state.config.time_zone)
+        .ok_or_else(|| Error::config("time_zone", "not an IANA zone name"))?;
+    detached(async move {
+        let meta = state.db.meta().await?;
+        let mut out = Vec::new();
+        let mut more = true;
+        while out.len() < chunks as usize {
+            let rows = state
+                .db
+                .snapshot_page(&table, after.as_deref(), chunk)
+                .await?;
+            let n = rows.len();
+            let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+                more = false;
+                break;
+            };
+            let (first_key, last_key) = (first.1.clone(), last.1.clone());
+            let mut h = RowHasher::new();
+            for (row, _) in &rows {
+                let c =
+                    canonical_row(&table, row, zone).map_err(|e| Error::Database(e.to_string()))?;
+                h.add(&c);
+            }
+            out.push(Chunk {
+                first_key: raw(first_key)?,
+                last_key: raw(last_key.clone())?,
+                rows: h.rows(),
+                hash: h.finish(),
+            });
+            after = Some(last_key);
+            if n < chunk as usize {
+                more = false;
+                break;
+            }
+        }
+        let head = state.db.fresh_tick().await?;
+        Ok(ChecksumsResponse {
+            protocol: wire::PROTOCOL_VERSION,
+            location: state.config.location.clone(),
+            instance_id: meta.instance_id,
+            time_zone: state.config.time_zone.clone(),
+            table: table.name.clone(),
+            chunks: out,
+            more,
+            head: cursor(meta.instance_id, &head),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn bad_parameters_name_the_problem() {
+        let cat = Catalogue::product_management();
+        let e = table_param(&q(&[]), &cat).unwrap_err().to_string();
+        assert!(e.starts_with("table: missing"), "{e}");
+        let e = table_param(&q(&[("table", "pull.changes")]), &cat)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a replicated table"), "{e}");
+        let t = table_param(&q(&[("table", "products")]), &cat).unwrap();
+        for (a, why) in [
+            ("[1]", "not a JSON object"),
+            ("{}", "\"product_id\" missing"),
+            (r#"{"product_id":null}"#, "missing or not a scalar"),
+            (r#"{"product_id":1,"x":2}"#, "other than the key"),
+        ] {
+            let e = after_param(&q(&[("after", a)]), &t)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("after: ") && e.contains(why), "{a}: {e}");
+        }
+        assert_eq!(
+            after_param(&q(&[("after", r#"{"product_id":7}"#)]), &t).unwrap(),
+            Some(r#"{"product_id":7}"#.to_string())
+        );
+        assert!(u32_param(&q(&[("limit", "0")]), "limit", 5, 10).is_err());
+        assert_eq!(
+            u32_param(&q(&[("limit", "99")]), "limit", 5, 10).unwrap(),
+            10
+        );
+    }
+}

@@ -1,0 +1,576 @@
+//! Initial load and resync: a branch's existing rows reach HQ by snapshot pages, then the
+//! change stream continues from the snapshot's start T0.
+//!
+//! "Fuzzy snapshot + replay": T0 (a tick made by `/v1/snapshot/start`) is taken before
+//! any page is read; each page is read in its own short statement and applied with the
+//! ordinary upsert, its rows stamped `_seq = 0`; then the change stream runs from T0.
+//! Per row, sequence order is commit order, and every change not visible at T0 is in the
+//! stream after T0, so replaying them ends at the branch's current image whatever state
+//! a page saw; a row deleted before its page was read gets its tombstone from the
+//! stream; a row inserted later comes from the stream (and wins over `_seq = 0`).
+//!
+//! - **initial** (a location whose cursor is NULL): pages go straight into `hq.<t>`; the
+//!   last transaction stores the cursor T0 (checked NULL `FOR UPDATE`).
+//! - **resync** (`hq-puller resync`, or `auto_resync`): pages go into `hq_stage.<t>`;
+//!   then ONE transaction deletes the location's rows from `hq.<t>`, copies the staged
+//!   rows in, and stores cursor T0 and the new instance: readers of `hq.<t>_live` see the
+//!   old rows or the new ones, never a mix. Rows absent at the branch are gone.
+//!
+//! Progress (table, last key, rows, T0) is stored in `sync.loads` in the same
+//! transaction as each page, so a crashed load resumes at its next page. The next page
+//! is fetched while the current one is applied.
+
+use crate::config::Location;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::store::{self, state};
+use crate::{metrics as m, App};
+use schemas::catalogue::Table;
+use schemas::sql::{hq, snapshot};
+use schemas::wire::SnapshotPage;
+use schemas::Cursor;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// `sync.loads.kind`.
+pub mod kind {
+    pub const INITIAL: &str = "initial";
+    pub const RESYNC: &str = "resync";
+}
+
+/// A load in progress (`sync.loads`).
+#[derive(Debug, Clone)]
+pub struct LoadRow {
+    pub kind: String,
+    pub start: Cursor,
+    pub instance_id: Uuid,
+    pub time_zone: String,
+    pub table_name: Option<String>,
+    pub last_key: Option<String>,
+    pub rows_loaded: i64,
+}
+
+/// How a load ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Loaded {
+    /// Loaded; the location's cursor is T0 (or another process finished it first).
+    Done { start: Cursor, rows: u64 },
+    /// The listener has no snapshot endpoint (older version): nothing was done.
+    Unsupported,
+    /// Shutdown between pages: progress is kept, the next run resumes.
+    Interrupted,
+}
+
+pub async fn load_row(pool: &PgPool, location: &str) -> Result<Option<LoadRow>> {
+    type Row = (
+        String,
+        String,
+        Uuid,
+        String,
+        Option<String>,
+        Option<String>,
+        i64,
+    );
+    let r: Option<Row> = sqlx::query_as(
+        "SELECT kind, start_cursor, instance_id, time_zone, table_name, last_key, rows_loaded \
+         FROM sync.loads WHERE location_id = $1",
+    )
+    .bind(location)
+    .fetch_optional(pool)
+    .await?;
+    r.map(
+        |(kind, c, instance_id, time_zone, table_name, last_key, rows_loaded)| {
+            Ok(LoadRow {
+                kind,
+                start: c.parse().map_err(|e| {
+                    Error::permanent(format!(
+                        "sync.loads of {location}: corrupt start cursor: {e}"
+                    ))
+                })?,
+                instance_id,
+                time_zone,
+                table_name,
+                last_key,
+                rows_loaded,
+            })
+        },
+    )
+    .transpose()
+}
+
+/// Starts a new load: T0 from the listener, a fresh `sync.loads` row, state `loading`.
+async fn begin(app: &App, loc: &Location, kind: &str) -> Result<Option<LoadRow>> {
+    let client = app.client(&loc.id)?;
+    let s = match client.snapshot_start().await {
+        Err(Error::NotSupported(msg)) => {
+            tracing::warn!(location = %loc.id, reason = %msg, "listener cannot serve a snapshot: streaming from the install tick without an initial load");
+            return Ok(None);
+        }
+        r => r?,
+    };
+    if s.location != loc.id {
+        return Err(Error::permanent(format!(
+            "listener at {} serves location {:?}, expected {:?}",
+            loc.url, s.location, loc.id
+        )));
+    }
+    for t in &app.settings.catalogue.tables {
+        if !s.tables.contains(&t.name) {
+            return Err(Error::permanent(format!(
+                "the branch's catalogue lacks table {} (HQ's catalogue has it): align the catalogue files",
+                t.name
+            )));
+        }
+    }
+    sqlx::query(
+        "INSERT INTO sync.loads (location_id, kind, start_cursor, instance_id, time_zone) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (location_id) DO UPDATE SET kind = EXCLUDED.kind, \
+           start_cursor = EXCLUDED.start_cursor, instance_id = EXCLUDED.instance_id, \
+           time_zone = EXCLUDED.time_zone, table_name = NULL, last_key = NULL, \
+           rows_loaded = 0, started_at = now(), updated_at = now()",
+    )
+    .bind(&loc.id)
+    .bind(kind)
+    .bind(s.start.to_string())
+    .bind(s.instance_id)
+    .bind(&s.time_zone)
+    .execute(&app.pool)
+    .await?;
+    tracing::info!(location = %loc.id, kind, start_tick = s.start.tick, instance = %s.instance_id, "load started");
+    Ok(Some(LoadRow {
+        kind: kind.into(),
+        start: s.start,
+        instance_id: s.instance_id,
+        time_zone: s.time_zone,
+        table_name: None,
+        last_key: None,
+        rows_loaded: 0,
+    }))
+}
+
+async fn set_loading(pool: &PgPool, location: &str, reason: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE sync.locations SET state = 'loading', paused_reason = $2, updated_at = now() \
+         WHERE id = $1",
+    )
+    .bind(location)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    m::set_state(location, state::LOADING);
+    Ok(())
+}
+
+/// Forgets a load and the rows it wrote (the branch's instance changed under it).
+async fn discard(app: &App, location: &str, row: &LoadRow) -> Result<()> {
+    let mut tx = app.pool.begin().await?;
+    for t in &app.settings.catalogue.tables {
+        let target = if row.kind == kind::RESYNC {
+            snapshot::stage_table(t)
+        } else {
+            hq::mirror_table(t)
+        };
+        // An initial load runs while the cursor is NULL: all the location's rows are its own.
+        let guard = if row.kind == kind::RESYNC {
+            ""
+        } else {
+            " AND NOT EXISTS (SELECT 1 FROM sync.locations WHERE id = $1 AND cursor IS NOT NULL)"
+        };
+        if row.kind == kind::RESYNC {
+            for s in snapshot::create_stage_table(t) {
+                sqlx::query(&s).execute(&mut *tx).await?;
+            }
+        }
+        sqlx::query(&format!(
+            "DELETE FROM {target} WHERE location_id = $1{guard}"
+        ))
+        .bind(location)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("DELETE FROM sync.loads WHERE location_id = $1")
+        .bind(location)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The initial load of a location whose cursor is NULL (resumes a crashed one).
+pub async fn initial(app: &App, loc: &Location) -> Result<Loaded> {
+    let row = match load_row(&app.pool, &loc.id).await? {
+        Some(r) if r.kind == kind::INITIAL => {
+            // Still the same branch database? Otherwise start over.
+            let client = app.client(&loc.id)?;
+            let now = client.snapshot_start().await?;
+            if now.instance_id != r.instance_id {
+                tracing::warn!(location = %loc.id, was = %r.instance_id, now = %now.instance_id, "branch instance changed during the initial load: starting over");
+                discard(app, &loc.id, &r).await?;
+                match begin(app, loc, kind::INITIAL).await? {
+                    Some(r) => r,
+                    None => return Ok(Loaded::Unsupported),
+                }
+            } else {
+                tracing::info!(location = %loc.id, table = ?r.table_name, rows = r.rows_loaded, "resuming initial load");
+                r
+            }
+        }
+        Some(r) => {
+            return Err(Error::Other(format!(
+                "a {} of location {} is in progress (sync.loads)",
+                r.kind, loc.id
+            )))
+        }
+        None => match begin(app, loc, kind::INITIAL).await? {
+            Some(r) => r,
+            None => return Ok(Loaded::Unsupported),
+        },
+    };
+    set_loading(&app.pool, &loc.id, "initial load running").await?;
+    let targets: Vec<String> = app
+        .settings
+        .catalogue
+        .tables
+        .iter()
+        .map(hq::mirror_table)
+        .collect();
+    let Some(rows) = load_pages(app, loc, &row, &targets, "load").await? else {
+        return Ok(Loaded::Interrupted);
+    };
+    let mut tx = app.pool.begin().await?;
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT cursor FROM sync.locations WHERE id = $1 FOR UPDATE")
+            .bind(&loc.id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if stored.is_none() {
+        sqlx::query(
+            "UPDATE sync.locations SET cursor = $2, instance_id = $3, state = 'ok', \
+             paused_reason = NULL, snapshot_cursor = $2, last_success_at = now(), updated_at = now() WHERE id = $1",
+        )
+        .bind(&loc.id)
+        .bind(row.start.to_string())
+        .bind(row.instance_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("DELETE FROM sync.loads WHERE location_id = $1")
+        .bind(&loc.id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    m::set_state(&loc.id, state::OK);
+    tracing::info!(location = %loc.id, rows, start_tick = row.start.tick, "initial load done, streaming from its start");
+    Ok(Loaded::Done {
+        start: row.start,
+        rows,
+    })
+}
+
+/// `hq-puller resync LOCATION`: reload the snapshot into staging, then switch in one
+/// transaction. Records a run in `sync.runs`.
+pub async fn resync(app: &App, loc: &Location) -> Result<Loaded> {
+    let before = store::load_location(&app.pool, &loc.id).await?;
+    let run_id = store::start_run(&app.pool, &loc.id, before.cursor.as_ref()).await?;
+    let result = resync_inner(app, loc).await;
+    let mut totals = store::RunTotals::default();
+    let (outcome, err, after) = match &result {
+        Ok(Loaded::Done { start, rows }) => {
+            totals.changes = *rows as i64;
+            ("ok", None, Some(*start))
+        }
+        Ok(Loaded::Interrupted) => ("interrupted", None, None),
+        Ok(Loaded::Unsupported) => (
+            "failed",
+            Some("the listener has no snapshot endpoint".to_string()),
+            None,
+        ),
+        Err(e) => ("failed", Some(format!("resync: {e}")), None),
+    };
+    store::finish_run(
+        &app.pool,
+        run_id,
+        &totals,
+        after.as_ref(),
+        outcome,
+        err.as_deref(),
+    )
+    .await?;
+    result
+}
+
+async fn resync_inner(app: &App, loc: &Location) -> Result<Loaded> {
+    for t in &app.settings.catalogue.tables {
+        for s in snapshot::create_stage_table(t) {
+            sqlx::query(&s).execute(&app.pool).await?;
+        }
+    }
+    let row = match load_row(&app.pool, &loc.id).await? {
+        Some(r) if r.kind == kind::RESYNC => {
+            let now = app.client(&loc.id)?.snapshot_start().await?;
+            if now.instance_id != r.instance_id {
+                discard(app, &loc.id, &r).await?;
+                None
+            } else {
+                tracing::info!(location = %loc.id, table = ?r.table_name, rows = r.rows_loaded, "resuming resync");
+                Some(r)
+            }
+        }
+        Some(r) => {
+            discard(app, &loc.id, &r).await?;
+            None
+        }
+        None => None,
+    };
+    let row = match row {
+        Some(r) => r,
+        None => {
+            // A fresh staging area for this location.
+            for t in &app.settings.catalogue.tables {
+                sqlx::query(&format!(
+                    "DELETE FROM {} WHERE location_id = $1",
+                    snapshot::stage_table(t)
+                ))
+                .bind(&loc.id)
+                .execute(&app.pool)
+                .await?;
+            }
+            match begin(app, loc, kind::RESYNC).await? {
+                Some(r) => r,
+                None => return Ok(Loaded::Unsupported),
+            }
+        }
+    };
+    set_loading(&app.pool, &loc.id, "resync running").await?;
+    let targets: Vec<String> = app
+        .settings
+        .catalogue
+        .tables
+        .iter()
+        .map(snapshot::stage_table)
+        .collect();
+    let Some(rows) = load_pages(app, loc, &row, &targets, "resync").await? else {
+        return Ok(Loaded::Interrupted);
+    };
+    // The switch: one transaction.
+    let mut tx = app.pool.begin().await?;
+    sqlx::query("SELECT 1 FROM sync.locations WHERE id = $1 FOR UPDATE")
+        .bind(&loc.id)
+        .execute(&mut *tx)
+        .await?;
+    for t in &app.settings.catalogue.tables {
+        for s in snapshot::switch_from_stage(t) {
+            sqlx::query(&s).bind(&loc.id).execute(&mut *tx).await?;
+        }
+    }
+    sqlx::query(
+        "UPDATE sync.locations SET cursor = $2, instance_id = $3, state = 'ok', \
+         paused_reason = NULL, snapshot_cursor = $2, last_success_at = now(), updated_at = now() WHERE id = $1",
+    )
+    .bind(&loc.id)
+    .bind(row.start.to_string())
+    .bind(row.instance_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM sync.loads WHERE location_id = $1")
+        .bind(&loc.id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    m::set_state(&loc.id, state::OK);
+    tracing::info!(location = %loc.id, rows, start_tick = row.start.tick, instance = %row.instance_id, "resync switched, streaming from its start");
+    Ok(Loaded::Done {
+        start: row.start,
+        rows,
+    })
+}
+
+/// Fetches one page (run as a task so that the next page downloads while one applies).
+async fn fetch(
+    client: crate::client::Client,
+    table: String,
+    after: Option<String>,
+    rows: u32,
+) -> Result<(SnapshotPage, u64)> {
+    client.snapshot_page(&table, after.as_deref(), rows).await
+}
+
+/// Loads every table from where `row` stands into `targets` (one per catalogue table).
+/// Returns the rows loaded by this call, or `None` when interrupted by shutdown.
+async fn load_pages(
+    app: &App,
+    loc: &Location,
+    row: &LoadRow,
+    targets: &[String],
+    what: &'static str,
+) -> Result<Option<u64>> {
+    let client = app.client(&loc.id)?.clone();
+    let tables = &app.settings.catalogue.tables;
+    let first = match &row.table_name {
+        Some(name) if name == "(done)" => tables.len(),
+        Some(name) => tables.iter().position(|t| &t.name == name).ok_or_else(|| {
+            Error::permanent(format!(
+                "sync.loads of {}: table {name} is not in the catalogue",
+                loc.id
+            ))
+        })?,
+        None => 0,
+    };
+    let page_rows = app.settings.snapshot_page_rows;
+    let mut progress = Progress::new(&loc.id, what);
+    for (ti, table) in tables.iter().enumerate().skip(first) {
+        let upsert = hq::upsert_into(table, &targets[ti]);
+        let mut after = if ti == first {
+            row.last_key.clone()
+        } else {
+            None
+        };
+        let mut next = Some(tokio::spawn(fetch(
+            client.clone(),
+            table.name.clone(),
+            after.clone(),
+            page_rows,
+        )));
+        while let Some(task) = next.take() {
+            let (page, _bytes) = task
+                .await
+                .map_err(|e| Error::Other(format!("snapshot fetch task: {e}")))??;
+            check_page(&page, loc, row, table)?;
+            let next_after = page.next_after.as_ref().map(|k| k.get().to_string());
+            if let Some(a) = &next_after {
+                next = Some(tokio::spawn(fetch(
+                    client.clone(),
+                    table.name.clone(),
+                    Some(a.clone()),
+                    page_rows,
+                )));
+            }
+            let n = page.rows.len() as u64;
+            let applied =
+                apply_page(app, loc, row, table, &upsert, &page, next_after.as_deref()).await;
+            if let Err(e) = applied {
+                if let Some(t) = next.take() {
+                    t.abort();
+                }
+                return Err(e);
+            }
+            metrics::counter!(m::LOADED_ROWS, "location" => loc.id.clone()).increment(n);
+            progress.inc(n, &table.name);
+            after = next_after;
+            if app.shutdown.is_cancelled() {
+                if let Some(t) = next.take() {
+                    t.abort();
+                }
+                progress.finish();
+                tracing::info!(location = %loc.id, table = %table.name, "load interrupted by shutdown, resumes at the next run");
+                return Ok(None);
+            }
+        }
+        let _ = after;
+    }
+    progress.finish();
+    tracing::info!(
+        location = %loc.id,
+        what,
+        rows = progress.rows(),
+        seconds = progress.elapsed().as_secs_f64(),
+        rows_per_s = progress.rate() as u64,
+        "snapshot loaded"
+    );
+    Ok(Some(progress.rows()))
+}
+
+fn check_page(page: &SnapshotPage, loc: &Location, row: &LoadRow, table: &Table) -> Result<()> {
+    if page.instance_id != row.instance_id {
+        return Err(Error::transient(format!(
+            "branch instance changed during the {} (was {}, now {}): it restarts at the next run",
+            row.kind, row.instance_id, page.instance_id
+        )));
+    }
+    if page.location != loc.id || page.table != table.name {
+        return Err(Error::permanent(format!(
+            "listener answered a snapshot page of {}/{} for {}/{}",
+            page.location, page.table, loc.id, table.name
+        )));
+    }
+    for r in &page.rows {
+        let s = r.get().trim();
+        if s.len() < 2 || !s.starts_with('{') || !s.ends_with('}') {
+            return Err(Error::permanent(format!(
+                "snapshot page of {} holds a row that is not a JSON object",
+                table.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One page in one transaction with the load's progress.
+async fn apply_page(
+    app: &App,
+    loc: &Location,
+    row: &LoadRow,
+    table: &Table,
+    upsert: &str,
+    page: &SnapshotPage,
+    next_after: Option<&str>,
+) -> Result<()> {
+    let mut tx = app.pool.begin().await?;
+    sqlx::query("SELECT set_config('TimeZone', $1, true)")
+        .bind(&row.time_zone)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            Error::permanent(format!(
+                "branch time_zone {:?} is not a zone PostgreSQL knows: {e}",
+                row.time_zone
+            ))
+        })?;
+    if !page.rows.is_empty() {
+        let json = crate::apply::images_json(page.rows.iter().map(|r| (r.get(), 0, false)));
+        sqlx::query(upsert)
+            .bind(&json)
+            .bind(&loc.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                let msg = format!("loading table {}: {e}", table.name);
+                match crate::error::db_error_kind(&e) {
+                    crate::ErrorKind::Transient => Error::transient(msg),
+                    _ => Error::permanent(msg),
+                }
+            })?;
+    }
+    // Done with this table: the next one starts at its beginning.
+    let (tname, key) = match next_after {
+        Some(k) => (Some(table.name.as_str()), Some(k)),
+        None => {
+            let tables = &app.settings.catalogue.tables;
+            let i = tables
+                .iter()
+                .position(|t| t.name == table.name)
+                .unwrap_or(0);
+            (tables.get(i + 1).map(|t| t.name.as_str()), None)
+        }
+    };
+    let r = sqlx::query(
+        "UPDATE sync.loads SET table_name = $3, last_key = $4, rows_loaded = rows_loaded + $5, \
+         updated_at = now() WHERE location_id = $1 AND start_cursor = $2",
+    )
+    .bind(&loc.id)
+    .bind(row.start.to_string())
+    .bind(tname.unwrap_or("(done)"))
+    .bind(key)
+    .bind(page.rows.len() as i64)
+    .execute(&mut *tx)
+    .await?;
+    if r.rows_affected() != 1 {
+        return Err(Error::transient(format!(
+            "the {} of {} was restarted by another process",
+            row.kind, loc.id
+        )));
+    }
+    tx.commit().await?;
+    Ok(())
+}

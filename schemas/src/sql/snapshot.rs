@@ -1,0 +1,233 @@
+//! SQL of the snapshot (initial load, resync) and of verify: pages of row images in
+//! primary-key order, keyset-paginated.
+//!
+//! A page statement returns `(row image, key image)` as JSON text, the row image built by
+//! the same expressions as the capture triggers, so HQ applies snapshot rows with the
+//! ordinary upsert. `after` is the key image of the last row of the previous page (a JSON
+//! object of the key columns, as returned); pages are ordered by the key columns, text
+//! keys in byte order (`COLLATE "C"` on PostgreSQL, SQLite's default `BINARY`), so that
+//! both engines and HQ agree on the order of key ranges.
+//!
+//! Parameters: SQLite `?1` after (JSON text, only in the `after` variant), `?2` limit;
+//! PostgreSQL `$1` after, `$2` limit. HQ reads ([`hq_range`]) take `$1` location,
+//! `$2` lower bound (exclusive), `$3` upper bound (inclusive), `$4` limit.
+
+use super::{postgres, q, sqlite};
+use crate::catalogue::{ColumnType, Table};
+
+fn keys(table: &Table) -> Vec<(&str, ColumnType)> {
+    table
+        .primary_key
+        .iter()
+        .map(|k| {
+            (
+                k.as_str(),
+                table.column(k).expect("catalogue key column").ty,
+            )
+        })
+        .collect()
+}
+
+/// A key column as compared and ordered on PostgreSQL (byte order for text).
+fn pg_key_col(alias: &str, name: &str, ty: ColumnType) -> String {
+    let c = format!("{alias}.{}", q(name));
+    match ty {
+        ColumnType::Text => format!("({c} COLLATE \"C\")"),
+        _ => c,
+    }
+}
+
+/// A key value taken from the JSON key image in parameter `param` (PostgreSQL).
+fn pg_key_param(param: &str, name: &str, ty: ColumnType) -> String {
+    let v = format!("({param}::jsonb ->> '{name}')");
+    match ty {
+        ColumnType::Text => format!("({v} COLLATE \"C\")"),
+        ColumnType::Blob => format!("decode({v}, 'hex')"),
+        _ => format!("CAST({v} AS {})", ty.postgres_type()),
+    }
+}
+
+fn pg_key_tuple(alias: &str, table: &Table) -> String {
+    let v: Vec<String> = keys(table)
+        .into_iter()
+        .map(|(k, ty)| pg_key_col(alias, k, ty))
+        .collect();
+    format!("({})", v.join(", "))
+}
+
+fn pg_param_tuple(param: &str, table: &Table) -> String {
+    let v: Vec<String> = keys(table)
+        .into_iter()
+        .map(|(k, ty)| pg_key_param(param, k, ty))
+        .collect();
+    format!("({})", v.join(", "))
+}
+
+fn pg_order(alias: &str, table: &Table) -> String {
+    keys(table)
+        .into_iter()
+        .map(|(k, ty)| pg_key_col(alias, k, ty))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A page of a SQLite branch table. `with_after`: the variant continuing after `?1`.
+pub fn sqlite_page(table: &Table, with_after: bool) -> String {
+    let cols: Vec<String> = keys(table)
+        .into_iter()
+        .map(|(k, _)| format!("t.{}", q(k)))
+        .collect();
+    let filter = if with_after {
+        let params: Vec<String> = keys(table)
+            .into_iter()
+            .map(|(k, _)| format!("json_extract(?1, '$.{k}')"))
+            .collect();
+        format!("WHERE ({}) > ({})", cols.join(", "), params.join(", "))
+    } else {
+        String::new()
+    };
+    format!(
+        "SELECT {row}, {pk} FROM {tbl} AS t {filter} ORDER BY {order} LIMIT ?2",
+        row = sqlite::row_object("t", table),
+        pk = sqlite::pk_object("t", table),
+        tbl = q(&table.name),
+        order = cols.join(", "),
+    )
+}
+
+/// A page of a PostgreSQL branch table. `with_after`: the variant continuing after `$1`.
+pub fn postgres_page(table: &Table, with_after: bool) -> String {
+    let all: Vec<&str> = table.column_names().collect();
+    let ks: Vec<&str> = table.primary_key.iter().map(String::as_str).collect();
+    let filter = if with_after {
+        format!(
+            "WHERE {} > {}",
+            pg_key_tuple("t", table),
+            pg_param_tuple("$1", table)
+        )
+    } else {
+        "WHERE $1::text IS NULL".into()
+    };
+    format!(
+        "SELECT ({row})::text, ({pk})::text FROM {tbl} AS t {filter} ORDER BY {order} LIMIT $2",
+        row = postgres::jsonb_object("t", table, &all),
+        pk = postgres::jsonb_object("t", table, &ks),
+        tbl = q(&table.name),
+        order = pg_order("t", table),
+    )
+}
+
+/// Live rows of one location in `target` (`hq.<t>` or a staging table) whose key is
+/// after `$2` (when `lower`) and at most `$3` (when `upper`), in key order, at most `$4`:
+/// `(row image, key image)` as JSON text.
+pub fn hq_range(table: &Table, target: &str, lower: bool, upper: bool) -> String {
+    let all: Vec<&str> = table.column_names().collect();
+    let ks: Vec<&str> = table.primary_key.iter().map(String::as_str).collect();
+    let mut filter = "t.location_id = $1 AND NOT t._deleted".to_string();
+    if lower {
+        filter.push_str(&format!(
+            " AND {} > {}",
+            pg_key_tuple("t", table),
+            pg_param_tuple("$2", table)
+        ));
+    } else {
+        filter.push_str(" AND $2::text IS NULL");
+    }
+    if upper {
+        filter.push_str(&format!(
+            " AND {} <= {}",
+            pg_key_tuple("t", table),
+            pg_param_tuple("$3", table)
+        ));
+    } else {
+        filter.push_str(" AND $3::text IS NULL");
+    }
+    format!(
+        "SELECT ({row})::text, ({pk})::text FROM {target} AS t WHERE {filter} ORDER BY {order} LIMIT $4",
+        row = postgres::jsonb_object("t", table, &all),
+        pk = postgres::jsonb_object("t", table, &ks),
+        order = pg_order("t", table),
+    )
+}
+
+/// The staging table of `table` used by a resync.
+pub fn stage_table(table: &Table) -> String {
+    format!("hq_stage.{}", q(&table.name))
+}
+
+/// DDL of the staging table of `table`: the mirror table's columns and key, unlogged
+/// (a crashed resync restarts its staging, nothing there needs to survive a crash of
+/// HQ's PostgreSQL).
+pub fn create_stage_table(table: &Table) -> Vec<String> {
+    vec![
+        "CREATE SCHEMA IF NOT EXISTS hq_stage".into(),
+        format!(
+            "CREATE UNLOGGED TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING INDEXES)",
+            stage_table(table),
+            super::hq::mirror_table(table)
+        ),
+    ]
+}
+
+/// The switch of a resync, for one table: the location's rows are replaced by the staged
+/// ones (`$1`: location). Run in one transaction with the cursor update.
+pub fn switch_from_stage(table: &Table) -> Vec<String> {
+    let mut cols: Vec<String> = vec!["location_id".into()];
+    cols.extend(table.columns.iter().map(|c| q(&c.name)));
+    cols.extend(["_seq".into(), "_deleted".into(), "_applied_at".into()]);
+    let cols = cols.join(", ");
+    vec![
+        format!(
+            "DELETE FROM {} WHERE location_id = $1",
+            super::hq::mirror_table(table)
+        ),
+        format!(
+            "INSERT INTO {} ({cols}) SELECT {cols} FROM {} WHERE location_id = $1",
+            super::hq::mirror_table(table),
+            stage_table(table)
+        ),
+        format!("DELETE FROM {} WHERE location_id = $1", stage_table(table)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Catalogue;
+
+    #[test]
+    fn pages_are_keyset_paginated_in_key_order() {
+        let cat = Catalogue::product_management();
+        let t = cat.table("products").unwrap();
+        let s = sqlite_page(t, true);
+        assert!(s.contains("WHERE (t.\"product_id\") > (json_extract(?1, '$.product_id'))"));
+        assert!(s.contains("ORDER BY t.\"product_id\" LIMIT ?2"));
+        assert!(!sqlite_page(t, false).contains("WHERE"));
+        let p = postgres_page(t, true);
+        assert!(p.contains("CAST(($1::jsonb ->> 'product_id') AS bigint)"));
+        let h = hq_range(t, "hq.\"products\"", true, true);
+        assert!(h.contains("NOT t._deleted") && h.contains("<= (CAST(($3::jsonb"));
+        let text_key = Table {
+            name: "x".into(),
+            primary_key: vec!["a".into(), "b".into()],
+            columns: vec![
+                crate::Column {
+                    name: "a".into(),
+                    ty: ColumnType::Text,
+                    nullable: false,
+                },
+                crate::Column {
+                    name: "b".into(),
+                    ty: ColumnType::Integer,
+                    nullable: false,
+                },
+            ],
+            file_column: None,
+        };
+        let p = postgres_page(&text_key, true);
+        assert!(
+            p.contains("ORDER BY (t.\"a\" COLLATE \"C\"), t.\"b\""),
+            "{p}"
+        );
+    }
+}
