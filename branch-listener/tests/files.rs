@@ -441,3 +441,58 @@ async fn files_endpoint_and_watcher_task() -> Result<()> {
     assert_eq!((status, body.as_slice()), (200, b"fresh upload".as_slice()));
     server.stop().await
 }
+
+/// A pull area of layout 1 (before the file index) is upgraded by `install`: the index
+/// table and its capture appear, the instance and history are kept, file events flow.
+async fn older_layout_is_upgraded(pg: bool) -> Result<()> {
+    let b = branch(pg).await?;
+    let id = b.db.meta().await?.instance_id;
+    let downgrade = [
+        "DROP TRIGGER IF EXISTS _pull__files_ins",
+        "DROP TRIGGER IF EXISTS _pull__files_upd",
+        "DROP TRIGGER IF EXISTS _pull__files_del",
+        "DROP TABLE _pull_files",
+        "UPDATE _pull_meta SET value = '1' WHERE key = 'pull_area_version'",
+    ];
+    let downgrade_pg = [
+        "DROP TABLE pull.files CASCADE",
+        "DROP FUNCTION pull.capture__files()",
+        "UPDATE pull.meta SET value = '1' WHERE key = 'pull_area_version'",
+    ];
+    match &b.db {
+        Db::Sqlite { pool, .. } => {
+            for s in downgrade {
+                sqlx::query(s).execute(pool).await?;
+            }
+        }
+        Db::Postgres(pool) => {
+            for s in downgrade_pg {
+                sqlx::query(s).execute(pool).await?;
+            }
+        }
+    }
+    assert!(index::load(&b.db).await.is_err(), "layout 1 has no index");
+    assert_eq!(
+        install::install(&b.db, &Catalogue::product_management(), false).await?,
+        install::Outcome::Updated { instance_id: id }
+    );
+    assert_eq!(b.db.meta().await?.version, schemas::sql::PULL_AREA_VERSION);
+    write_old(&b.files.join("after-upgrade.jpg"), b"x");
+    assert_eq!(watcher(&b).scan(&b.db).await?.upserts, 1);
+    let server = Server::start(&b.config).await?;
+    assert_eq!(
+        server.file_events().await?,
+        vec![(Op::Insert, "after-upgrade.jpg".into(), Some(sha(b"x")))]
+    );
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_layout_is_upgraded_sqlite() -> Result<()> {
+    older_layout_is_upgraded(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_layout_is_upgraded_postgres() -> Result<()> {
+    older_layout_is_upgraded(true).await
+}

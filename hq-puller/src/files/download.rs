@@ -1,6 +1,7 @@
 //! Downloading one content into the object store: `.tmp/<sha256>.<location>.part`, resumed with
 //! `Range` after a cut, size and sha256 verified while streaming (bounded memory),
-//! fsync'ed, then renamed to `.objects/ab/<sha256>` (and the directory fsync'ed).
+//! fsync'ed, then renamed to `.objects/ab/<sha256>` (its directory is fsync'ed before
+//! the batch commits, see [`super::place`]).
 //! A mismatch deletes the partial file and downloads again from the start, up to
 //! [`ATTEMPTS`] times; then the batch fails (transient: retried with backoff), nothing
 //! is stored and the cursor does not move.
@@ -96,11 +97,8 @@ pub async fn fetch(
                 tokio::fs::rename(&part, &object)
                     .await
                     .map_err(|e| io_err("storing", &object, e))?;
-                let d = dir.to_path_buf();
-                tokio::task::spawn_blocking(move || sync_dir(&d))
-                    .await
-                    .map_err(|e| Error::Other(format!("fsync task: {e}")))?
-                    .map_err(|e| io_err("syncing", dir, e))?;
+                // The object directory is fsync'ed with the placement, before the
+                // batch commits (one fsync per directory, not per file).
                 metrics::counter!(m::FILES_DOWNLOADED, "location" => location.to_string())
                     .increment(1);
                 tracing::debug!(location, path, sha256, bytes, "file content stored");

@@ -3,14 +3,16 @@
 //!
 //! A file is put in place atomically: hard link (or, where links are impossible, a copy
 //! that is fsync'ed) of its verified object to a temporary name in `.tmp/`, `rename`
-//! over the target, fsync of the target's directory. A reader sees the old or the new
+//! over the target; every directory touched (targets, archive, objects) is fsync'ed
+//! once at the end, before the batch's transaction commits. A reader sees the old or the new
 //! file, never a partial one. Deletes are mirrored (removed) or archived
 //! (`.archive/<LOCATION>/<PATH>.<UTC timestamp>`).
 
 use super::download::sync_dir;
 use super::{Action, FileDelete, Item, Store};
 use crate::error::{Error, Result};
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::transient(format!("file store: {what} {}: {e}", path.display()))
@@ -26,21 +28,36 @@ pub fn apply(
 ) -> Result<Vec<Option<String>>> {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ").to_string();
     let mut out = Vec::with_capacity(items.len());
+    // Directories whose entries changed: fsync'ed once each at the end, before the
+    // batch's transaction commits.
+    let mut dirs = BTreeSet::new();
     for it in items {
         out.push(match &it.action {
             Action::Store(r) => {
-                place(store, location, &it.path, &r.sha256)?;
+                place(store, location, &it.path, &r.sha256, &mut dirs)?;
                 None
             }
             Action::Superseded(_) => None,
-            Action::Delete => remove(store, location, &it.path, mode, &stamp)?,
+            Action::Delete => remove(store, location, &it.path, mode, &stamp, &mut dirs)?,
         });
+    }
+    for d in &dirs {
+        sync_dir(d).map_err(|e| io_err("syncing", d, e))?;
     }
     Ok(out)
 }
 
-fn place(store: &Store, location: &str, path: &str, sha256: &str) -> Result<()> {
+fn place(
+    store: &Store,
+    location: &str,
+    path: &str,
+    sha256: &str,
+    dirs: &mut BTreeSet<PathBuf>,
+) -> Result<()> {
     let object = store.object(sha256);
+    if let Some(d) = object.parent() {
+        dirs.insert(d.to_path_buf());
+    }
     let target = store.target(location, path);
     let dir = target.parent().expect("target has a parent");
     std::fs::create_dir_all(dir).map_err(|e| io_err("creating", dir, e))?;
@@ -57,7 +74,7 @@ fn place(store: &Store, location: &str, path: &str, sha256: &str) -> Result<()> 
         let _ = std::fs::remove_file(&tmp);
         return Err(io_err("placing", &target, e));
     }
-    sync_dir(dir).map_err(|e| io_err("syncing", dir, e))?;
+    dirs.insert(dir.to_path_buf());
     Ok(())
 }
 
@@ -67,6 +84,7 @@ fn remove(
     path: &str,
     mode: FileDelete,
     stamp: &str,
+    dirs: &mut BTreeSet<PathBuf>,
 ) -> Result<Option<String>> {
     let target = store.target(location, path);
     match std::fs::symlink_metadata(&target) {
@@ -84,7 +102,7 @@ fn remove(
     match mode {
         FileDelete::Mirror => {
             std::fs::remove_file(&target).map_err(|e| io_err("removing", &target, e))?;
-            sync_dir(dir).map_err(|e| io_err("syncing", dir, e))?;
+            dirs.insert(dir.to_path_buf());
             Ok(None)
         }
         FileDelete::Archive => {
@@ -93,8 +111,8 @@ fn remove(
             let adir = archived.parent().expect("archive path has a parent");
             std::fs::create_dir_all(adir).map_err(|e| io_err("creating", adir, e))?;
             std::fs::rename(&target, &archived).map_err(|e| io_err("archiving", &target, e))?;
-            sync_dir(adir).map_err(|e| io_err("syncing", adir, e))?;
-            sync_dir(dir).map_err(|e| io_err("syncing", dir, e))?;
+            dirs.insert(adir.to_path_buf());
+            dirs.insert(dir.to_path_buf());
             Ok(Some(rel))
         }
     }
