@@ -309,7 +309,7 @@ mod tests {
             std::fs::write(
                 &p,
                 format!(
-                    "database_url = \"postgres://x@h/db\"\n{top}\n{}{}",
+                    "database_url = \"postgres://x@h/db\"\nallow_plain_http = true\n{top}\n{}{}",
                     loc("b01", ""),
                     loc("b02", "file_delete = \"archive\"")
                 ),
