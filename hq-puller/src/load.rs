@@ -608,6 +608,9 @@ async fn apply_page(
     Ok(())
 }
 
+/// In-process retries of a `_files` page whose downloads failed transiently.
+const PAGE_FILE_RETRIES: u32 = 120;
+
 /// Loads the `_files` pages (files already in the branch's folder) after the catalogue
 /// tables, from where `row` stands: initial load places and records them in each page's
 /// transaction, resync places them and stages the index rows (see
@@ -632,7 +635,24 @@ async fn load_files(app: &App, loc: &Location, row: &LoadRow) -> Result<Option<u
         check_page(&page, loc, row, &files_table)?;
         let next_after = page.next_after.as_ref().map(|k| k.get().to_string());
         // All of the page's file I/O before its transaction commits.
-        let plan = fsnap::prepare_page(app, &loc.id, &page).await?;
+        // A transient failure (a listener rate-limiting thousands of downloads) retries
+        // the page here: contents already stored are not fetched again.
+        let mut attempt = 0u32;
+        let plan = loop {
+            match fsnap::prepare_page(app, &loc.id, &page).await {
+                Ok(p) => break p,
+                Err(e)
+                    if e.kind() == crate::ErrorKind::Transient
+                        && attempt < PAGE_FILE_RETRIES
+                        && !app.shutdown.is_cancelled() =>
+                {
+                    attempt += 1;
+                    tracing::warn!(location = %loc.id, attempt, error = %e, "downloading the files of a snapshot page failed, retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         if row.kind == kind::RESYNC {
             fsnap::place_page(&loc.id, &plan).await?;
         }

@@ -1198,7 +1198,7 @@ async fn check_config_reports_the_database() {
         std::fs::write(
             &p,
             format!(
-                "database_url = {db:?}\n[[locations]]\nid = \"b01\"\nurl = \"http://127.0.0.1:7070\"\ntoken_file = {:?}\n",
+                "database_url = {db:?}\nallow_plain_http = true\n[[locations]]\nid = \"b01\"\nurl = \"http://127.0.0.1:7070\"\ntoken_file = {:?}\n",
                 token.display().to_string()
             ),
         )
