@@ -18,7 +18,8 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::Json;
 use schemas::canonical::{canonical_row, RowHasher, Zone};
-use schemas::catalogue::Table;
+use schemas::catalogue::{files_table, Table};
+use schemas::files::FILES_TABLE;
 use schemas::sql::snapshot as sql;
 use schemas::wire::{self, ChecksumsResponse, Chunk, SnapshotPage, SnapshotStart};
 use schemas::{Catalogue, Cursor};
@@ -40,11 +41,15 @@ fn catalogue(state: &AppState) -> Result<Catalogue> {
     state.config.catalogue()
 }
 
-/// The catalogue table named by `table` (never a name from the wire in SQL).
+/// The catalogue table named by `table`, or the file index (`_files`); never a name from
+/// the wire in SQL.
 fn table_param(q: &HashMap<String, String>, cat: &Catalogue) -> Result<Table> {
     let name = q
         .get("table")
         .ok_or_else(|| Error::BadRequest("table: missing (a catalogue table name)".into()))?;
+    if name == FILES_TABLE {
+        return Ok(files_table());
+    }
     cat.table(name).cloned().ok_or_else(|| {
         Error::BadRequest(format!(
             "table: {:?} is not a replicated table (catalogue: {})",
@@ -52,6 +57,7 @@ fn table_param(q: &HashMap<String, String>, cat: &Catalogue) -> Result<Table> {
             cat.tables
                 .iter()
                 .map(|t| t.name.as_str())
+                .chain([FILES_TABLE])
                 .collect::<Vec<_>>()
                 .join(", ")
         ))
@@ -103,16 +109,24 @@ impl Db {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, String)>> {
+        // `_files` reads the file index; any other name is a catalogue table.
+        let (sqlite_from, pg_from) = if table.name == FILES_TABLE {
+            let (s, p) = sql::files_source();
+            (s.to_string(), p.to_string())
+        } else {
+            let t = schemas::sql::q(&table.name);
+            (t.clone(), t)
+        };
         Ok(match self {
             Db::Sqlite { pool, .. } => {
-                sqlx::query_as(&sql::sqlite_page(table, after.is_some()))
+                sqlx::query_as(&sql::sqlite_page_from(table, &sqlite_from, after.is_some()))
                     .bind(after)
                     .bind(i64::from(limit))
                     .fetch_all(pool)
                     .await?
             }
             Db::Postgres(pool) => {
-                sqlx::query_as(&sql::postgres_page(table, after.is_some()))
+                sqlx::query_as(&sql::postgres_page_from(table, &pg_from, after.is_some()))
                     .bind(after)
                     .bind(i64::from(limit))
                     .fetch_all(pool)
@@ -155,7 +169,13 @@ pub async fn start(State(state): State<AppState>) -> Result<Json<SnapshotStart>>
             instance_id: meta.instance_id,
             time_zone: state.config.time_zone.clone(),
             start: cursor(meta.instance_id, &t0),
-            tables: cat.tables.iter().map(|t| t.name.clone()).collect(),
+            // The catalogue tables, then the file index (files already in the folder).
+            tables: cat
+                .tables
+                .iter()
+                .map(|t| t.name.clone())
+                .chain([FILES_TABLE.to_string()])
+                .collect(),
         })
     })
     .await
@@ -302,6 +322,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a replicated table"), "{e}");
+        let f = table_param(&q(&[("table", "_files")]), &cat).unwrap();
+        assert_eq!(f.primary_key, vec!["path"]);
+        assert!(after_param(&q(&[("after", r#"{"path":"a/b.jpg"}"#)]), &f).is_ok());
         let t = table_param(&q(&[("table", "products")]), &cat).unwrap();
         for (a, why) in [
             ("[1]", "not a JSON object"),

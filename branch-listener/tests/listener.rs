@@ -1659,7 +1659,8 @@ async fn snapshot_pages_and_checksums(backend: Backend) -> Result<()> {
 
     let start: SnapshotStart = get_json(&server, "/v1/snapshot/start").await?;
     assert_eq!(start.instance_id, start.start.instance_id);
-    assert_eq!(start.tables.len(), 4);
+    assert_eq!(start.tables.len(), 5);
+    assert_eq!(start.tables.last().map(String::as_str), Some("_files"));
     // Pages of 10: 10 + 10 + 5 rows, in key order, each the trigger's image.
     let mut rows = Vec::new();
     let mut page_after: Option<String> = None;
@@ -1688,6 +1689,61 @@ async fn snapshot_pages_and_checksums(backend: Backend) -> Result<()> {
     let later = server.changes(Some(&start.start), 1000, 0).await?;
     let ids: Vec<i64> = later.changes.iter().map(pk_id).collect();
     assert_eq!(ids, vec![26], "{later:?}");
+
+    // The file index is served as `_files`: keyset by path in byte order, the rows the
+    // `_files` trigger's images.
+    let index = match backend {
+        Backend::Sqlite => "_pull_files",
+        Backend::Pg => "pull.files",
+    };
+    for (path, sha) in [("a b.jpg", "a"), ("B/ü.jpg", "b")] {
+        b.app
+            .exec(&format!(
+                "INSERT INTO {index} (path, size, sha256, mtime) VALUES ('{path}', 3, '{}', '2026-11-24T09:16:44.123456Z')",
+                sha.repeat(64)
+            ))
+            .await?;
+    }
+    let events = server.changes(Some(&start.start), 1000, 0).await?;
+    let file_images: HashMap<String, String> = events
+        .changes
+        .iter()
+        .filter(|c| c.table == "_files")
+        .map(|c| {
+            let r = c.row.as_ref().unwrap().get().to_string();
+            (raw_field(&r, "path"), r)
+        })
+        .collect();
+    assert_eq!(file_images.len(), 2, "{events:?}");
+    let p1: SnapshotPage = get_json(&server, "/v1/snapshot?table=_files&limit=1").await?;
+    let a = p1
+        .next_after
+        .as_ref()
+        .context("a second page")?
+        .get()
+        .to_string();
+    let p2: SnapshotPage = get_json(
+        &server,
+        &format!("/v1/snapshot?table=_files&limit=1&after={}", urlencode(&a)),
+    )
+    .await?;
+    let got: Vec<String> = p1
+        .rows
+        .iter()
+        .chain(&p2.rows)
+        .map(|r| r.get().to_string())
+        .collect();
+    assert_eq!(got.len(), 2);
+    assert_eq!(raw_field(&got[0], "path"), "\"B/ü.jpg\"", "byte order");
+    for r in &got {
+        assert_eq!(
+            r,
+            &file_images[&raw_field(r, "path")],
+            "same JSON as the trigger"
+        );
+    }
+    let fc: ChecksumsResponse = get_json(&server, "/v1/checksums?table=_files&chunk=10").await?;
+    assert_eq!((fc.chunks.len(), fc.chunks[0].rows), (1, 2));
 
     // Checksums: chunks of 10 over 26 rows.
     let c: ChecksumsResponse =

@@ -22,10 +22,12 @@
 
 use crate::config::Location;
 use crate::error::{Error, Result};
+use crate::files::snapshot as fsnap;
 use crate::progress::Progress;
 use crate::store::{self, state};
 use crate::{metrics as m, App};
 use schemas::catalogue::Table;
+use schemas::files::FILES_TABLE;
 use schemas::sql::{hq, snapshot};
 use schemas::wire::SnapshotPage;
 use schemas::Cursor;
@@ -190,6 +192,17 @@ async fn discard(app: &App, location: &str, row: &LoadRow) -> Result<()> {
         .execute(&mut *tx)
         .await?;
     }
+    if row.kind == kind::RESYNC {
+        fsnap::clear_stage(&mut tx, location).await?;
+    } else {
+        sqlx::query(
+            "DELETE FROM sync.files WHERE location_id = $1 AND NOT EXISTS \
+             (SELECT 1 FROM sync.locations WHERE id = $1 AND cursor IS NOT NULL)",
+        )
+        .bind(location)
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query("DELETE FROM sync.loads WHERE location_id = $1")
         .bind(location)
         .execute(&mut *tx)
@@ -239,6 +252,10 @@ pub async fn initial(app: &App, loc: &Location) -> Result<Loaded> {
     let Some(rows) = load_pages(app, loc, &row, &targets, "load").await? else {
         return Ok(Loaded::Interrupted);
     };
+    let Some(files) = load_files(app, loc, &row).await? else {
+        return Ok(Loaded::Interrupted);
+    };
+    let rows = rows + files;
     let mut tx = app.pool.begin().await?;
     let stored: Option<String> =
         sqlx::query_scalar("SELECT cursor FROM sync.locations WHERE id = $1 FOR UPDATE")
@@ -337,6 +354,9 @@ async fn resync_inner(app: &App, loc: &Location) -> Result<Loaded> {
                 .execute(&app.pool)
                 .await?;
             }
+            let mut c = app.pool.acquire().await?;
+            fsnap::clear_stage(&mut c, &loc.id).await?;
+            drop(c);
             match begin(app, loc, kind::RESYNC).await? {
                 Some(r) => r,
                 None => return Ok(Loaded::Unsupported),
@@ -354,6 +374,10 @@ async fn resync_inner(app: &App, loc: &Location) -> Result<Loaded> {
     let Some(rows) = load_pages(app, loc, &row, &targets, "resync").await? else {
         return Ok(Loaded::Interrupted);
     };
+    let Some(files) = load_files(app, loc, &row).await? else {
+        return Ok(Loaded::Interrupted);
+    };
+    let rows = rows + files;
     // The switch: one transaction.
     let mut tx = app.pool.begin().await?;
     sqlx::query("SELECT 1 FROM sync.locations WHERE id = $1 FOR UPDATE")
@@ -365,6 +389,7 @@ async fn resync_inner(app: &App, loc: &Location) -> Result<Loaded> {
             sqlx::query(&s).bind(&loc.id).execute(&mut *tx).await?;
         }
     }
+    let files_gone = fsnap::switch(&mut tx, &loc.id).await?;
     sqlx::query(
         "UPDATE sync.locations SET cursor = $2, instance_id = $3, state = 'ok', \
          paused_reason = NULL, snapshot_cursor = $2, last_success_at = now(), updated_at = now() WHERE id = $1",
@@ -380,7 +405,13 @@ async fn resync_inner(app: &App, loc: &Location) -> Result<Loaded> {
         .await?;
     tx.commit().await?;
     m::set_state(&loc.id, state::OK);
-    tracing::info!(location = %loc.id, rows, start_tick = row.start.tick, instance = %row.instance_id, "resync switched, streaming from its start");
+    tracing::info!(location = %loc.id, rows, files_gone, start_tick = row.start.tick, instance = %row.instance_id, "resync switched, streaming from its start");
+    // Files absent at the branch: removed or archived now that the switch committed (a
+    // crash here leaves stray files, swept by the next resync).
+    let swept = fsnap::sweep(app, &loc.id, loc.file_delete).await?;
+    if !swept.is_empty() {
+        tracing::info!(location = %loc.id, files = swept.len(), mode = ?loc.file_delete, "files absent at the branch handled after resync");
+    }
     Ok(Loaded::Done {
         start: row.start,
         rows,
@@ -409,7 +440,9 @@ async fn load_pages(
     let client = app.client(&loc.id)?.clone();
     let tables = &app.settings.catalogue.tables;
     let first = match &row.table_name {
-        Some(name) if name == "(done)" => tables.len(),
+        Some(name) if name == "(done)" || name == FILES_TABLE || name == fsnap::FILES_DONE => {
+            tables.len()
+        }
         Some(name) => tables.iter().position(|t| &t.name == name).ok_or_else(|| {
             Error::permanent(format!(
                 "sync.loads of {}: table {name} is not in the catalogue",
@@ -651,4 +684,97 @@ async fn commit_page(
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// In-process retries of a `_files` page whose downloads failed transiently.
+const PAGE_FILE_RETRIES: u32 = 120;
+
+/// Loads the `_files` pages (files already in the branch's folder) after the catalogue
+/// tables, from where `row` stands: initial load places and records them in each page's
+/// transaction, resync places them and stages the index rows (see
+/// [`crate::files::snapshot`]). Returns the files loaded, `None` when interrupted.
+async fn load_files(app: &App, loc: &Location, row: &LoadRow) -> Result<Option<u64>> {
+    let mut after = match row.table_name.as_deref() {
+        Some(fsnap::FILES_DONE) => return Ok(Some(0)),
+        Some(FILES_TABLE) => row.last_key.clone(),
+        _ => None,
+    };
+    let client = app.client(&loc.id)?.clone();
+    let files_table = schemas::catalogue::files_table();
+    let mut n_files = 0u64;
+    loop {
+        let (page, _) = client
+            .snapshot_page(
+                FILES_TABLE,
+                after.as_deref(),
+                app.settings.snapshot_page_rows,
+            )
+            .await?;
+        check_page(&page, loc, row, &files_table)?;
+        let next_after = page.next_after.as_ref().map(|k| k.get().to_string());
+        // All of the page's file I/O before its transaction commits.
+        // A transient failure (a listener rate-limiting thousands of downloads) retries
+        // the page here: contents already stored are not fetched again.
+        let mut attempt = 0u32;
+        let plan = loop {
+            match fsnap::prepare_page(app, &loc.id, &page).await {
+                Ok(p) => break p,
+                Err(e)
+                    if e.kind() == crate::ErrorKind::Transient
+                        && attempt < PAGE_FILE_RETRIES
+                        && !app.shutdown.is_cancelled() =>
+                {
+                    attempt += 1;
+                    tracing::warn!(location = %loc.id, attempt, error = %e, "downloading the files of a snapshot page failed, retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if row.kind == kind::RESYNC {
+            fsnap::place_page(&loc.id, &plan).await?;
+        }
+        let mut tx = app.pool.begin().await?;
+        if row.kind == kind::RESYNC {
+            fsnap::stage_page(&mut tx, &loc.id, &plan).await?;
+        } else {
+            crate::files::place_and_record(&mut tx, &loc.id, &plan).await?;
+        }
+        let r = sqlx::query(
+            "UPDATE sync.loads SET table_name = $3, last_key = $4, rows_loaded = rows_loaded + $5, \
+             updated_at = now() WHERE location_id = $1 AND start_cursor = $2",
+        )
+        .bind(&loc.id)
+        .bind(row.start.to_string())
+        .bind(if next_after.is_some() {
+            FILES_TABLE
+        } else {
+            fsnap::FILES_DONE
+        })
+        .bind(next_after.as_deref())
+        .bind(page.rows.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            return Err(Error::transient(format!(
+                "the {} of {} was restarted by another process",
+                row.kind, loc.id
+            )));
+        }
+        tx.commit().await?;
+        n_files += page.rows.len() as u64;
+        tracing::debug!(location = %loc.id, files = page.rows.len(), "snapshot page of _files loaded");
+        after = next_after;
+        if after.is_none() {
+            break;
+        }
+        if app.shutdown.is_cancelled() {
+            tracing::info!(location = %loc.id, "file load interrupted by shutdown, resumes at the next run");
+            return Ok(None);
+        }
+    }
+    if n_files > 0 {
+        tracing::info!(location = %loc.id, kind = %row.kind, files = n_files, "files of the snapshot loaded");
+    }
+    Ok(Some(n_files))
 }

@@ -18,6 +18,7 @@ use crate::progress::Progress;
 use crate::App;
 use schemas::canonical::{canonical_row, CanonicalRow, RowHasher, Zone};
 use schemas::catalogue::Table;
+use schemas::files::FILES_TABLE;
 use schemas::sql::{hq, snapshot};
 use schemas::Cursor;
 use serde::Serialize;
@@ -190,12 +191,13 @@ async fn hq_rows(
     zone: Zone,
     time_zone: &str,
 ) -> Result<Vec<CanonicalRow>> {
-    let sql = snapshot::hq_range(
-        table,
-        &hq::mirror_table(table),
-        range.lower.is_some(),
-        range.upper.is_some(),
-    );
+    // `_files`: HQ's file records (`sync.files`) against the branch's file index.
+    let target = if table.name == FILES_TABLE {
+        snapshot::HQ_FILES_RELATION.to_string()
+    } else {
+        hq::mirror_table(table)
+    };
+    let sql = snapshot::hq_range(table, &target, range.lower.is_some(), range.upper.is_some());
     let mut tx = app.pool.begin().await?;
     // Zone-less key bounds (SQLite branches) are read in the branch's zone.
     sqlx::query("SELECT set_config('TimeZone', $1, true)")
@@ -422,13 +424,14 @@ async fn verify_table(
     Ok(res)
 }
 
-/// Verifies one location (every catalogue table).
+/// Verifies one location (every catalogue table, then the files: `_files`).
 pub async fn verify_location(app: &App, loc: &Location, opts: &Options) -> LocationResult {
     let started = Instant::now();
     let mut progress = Progress::new(&loc.id, "verify");
     let mut tables = Vec::new();
     let mut error = None;
-    for t in &app.settings.catalogue.tables {
+    let files = schemas::catalogue::files_table();
+    for t in app.settings.catalogue.tables.iter().chain([&files]) {
         match verify_table(app, loc, t, opts, &mut progress).await {
             Ok(r) => tables.push(r),
             Err(e) => {

@@ -245,6 +245,18 @@ impl World {
                     .fetch_one(&mut c)
                     .await?;
             newest_files.retain(|_, s| *s <= head_seq);
+            // Paths whose newest event precedes T0 came with the snapshot's `_files`
+            // pages: recorded with `_seq = 0` when indexed at the branch, absent if deleted.
+            let indexed: std::collections::HashSet<String> =
+                sqlx::query_scalar("SELECT path FROM _pull_files")
+                    .fetch_all(&mut c)
+                    .await?
+                    .into_iter()
+                    .collect();
+            newest_files.retain(|p, s| *s > base || indexed.contains(p));
+            for (_, s) in newest_files.iter_mut().filter(|(_, s)| **s <= base) {
+                *s = 0;
+            }
             let files_at_hq: HashMap<String, i64> =
                 sqlx::query_as("SELECT path, _seq FROM sync.files WHERE location_id = $1")
                     .bind(&b.location)

@@ -202,3 +202,175 @@ async fn offline_branch_files_converge_with_rows() -> Result<()> {
     b.stop().await?;
     Ok(())
 }
+
+/// Runs `hq-puller ARGS --config ...` to its end: (exit code, stdout, stderr).
+async fn hq_exec(hq: &Hq, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(tests::process::binary("hq-puller")?)
+            .args(args)
+            .arg("--config")
+            .arg(&hq.config)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    ))
+}
+
+/// Polls `what` until it holds (deadline 60 s).
+async fn poll<F, Fut>(what: &str, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f().await? {
+        if Instant::now() >= deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Files already in the folder (issue 6): a SQLite branch whose files and rows exist
+/// BEFORE its listener first starts (indexed by its first scan, before HQ's snapshot
+/// start T0, so only the snapshot can bring them) is loaded by HQ with an empty cursor:
+/// every file at HQ with the right sha256 and recorded with `_seq` 0 (snapshot), the rows
+/// live; `verify` says equal, names a path HQ lost from `sync.files`; after the branch is
+/// restored from a backup (database and folder), `resync` reconciles the file set: the
+/// lost record is back and the file only HQ had is archived (`file_delete` default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_in_the_folder_are_loaded_verified_and_resynced() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("b01.db").display());
+    let mut b = BranchNode::new(
+        dir.path(),
+        "b01",
+        &url,
+        &BranchOptions {
+            tick_interval: "200ms".into(),
+            ..BranchOptions::default()
+        },
+    )?;
+    b.install(true).await?;
+    let app = SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(SqliteConnectOptions::from_str(&url)?.busy_timeout(Duration::from_secs(10)))
+        .await?;
+    for p in 1..=3 {
+        sqlx::query(
+            "INSERT INTO products (product_id, sku, name, unit_price, currency) VALUES (?1, ?2, 'p', 1.50, 'EUR')",
+        )
+        .bind(p)
+        .bind(format!("sku-{p}"))
+        .execute(&app)
+        .await?;
+    }
+    let files = b.files_dir.clone();
+    let content: [(&str, &[u8]); 3] = [
+        ("a.jpg", b"a before the listener"),
+        ("sub dir/b ü.jpg", b"b before the listener"),
+        ("c.jpg", b"c before the listener"),
+    ];
+    for (i, (p, c)) in content.iter().enumerate() {
+        write(&files, p, c)?;
+        image(&app, i as i64 + 1, i as i64 + 1, p).await?;
+    }
+    b.start().await?;
+    poll("the listener's first scan", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM _pull_files")
+            .fetch_one(&app)
+            .await?;
+        Ok(n == 3)
+    })
+    .await?;
+    let hq_url = tests::pg::fresh_database("hqfsnap").await?;
+    let mut hq = Hq::new(dir.path(), &hq_url, &HqOptions::default(), &[&b]).await?;
+    hq.migrate().await?;
+    assert!(
+        hq.cursor("b01").await?.is_none(),
+        "empty cursor: initial load"
+    );
+    hq.start()?;
+    let hq_files = dir.path().join("hq-files");
+    wait_for_hq(&mut hq, &b, &hq_files, &content, &[]).await?;
+    let by_snapshot: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sync.files WHERE location_id = 'b01' AND _seq = 0 AND state = 'stored'",
+    )
+    .fetch_one(&hq.pool)
+    .await?;
+    assert_eq!(by_snapshot, 3, "the files came with the snapshot");
+
+    let (code, out, err) = hq_exec(&hq, &["verify", "b01", "--settle", "10s"]).await?;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("_files"), "verify compares the files: {out}");
+
+    // A backup of the branch (database and folder), then life goes on: a new file.
+    let backup = dir.path().join("b01-backup.db");
+    sqlx::query(&format!("VACUUM INTO '{}'", backup.display()))
+        .execute(&app)
+        .await?;
+    write(&files, "late.jpg", b"after the backup")?;
+    image(&app, 4, 3, "late.jpg").await?;
+    let late: &[u8] = b"after the backup";
+    let mut now_live = content.to_vec();
+    now_live.push(("late.jpg", late));
+    wait_for_hq(&mut hq, &b, &hq_files, &now_live, &[]).await?;
+
+    // HQ loses a record: verify names the path.
+    sqlx::query("DELETE FROM sync.files WHERE location_id = 'b01' AND path = 'c.jpg'")
+        .execute(&hq.pool)
+        .await?;
+    let (code, out, err) = hq_exec(&hq, &["verify", "b01", "--settle", "3s"]).await?;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("missing at HQ") && l.contains("c.jpg")),
+        "{out}"
+    );
+
+    // The branch is restored from the backup: late.jpg exists only at HQ now.
+    app.close().await;
+    b.stop().await?;
+    let path = url.strip_prefix("sqlite://").unwrap();
+    for ext in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{path}{ext}"));
+    }
+    std::fs::copy(&backup, path)?;
+    std::fs::remove_file(files.join("late.jpg"))?;
+    b.start().await?;
+    let pool = hq.pool.clone();
+    poll("the restore to be detected", || async {
+        let s: String = sqlx::query_scalar("SELECT state FROM sync.locations WHERE id = 'b01'")
+            .fetch_one(&pool)
+            .await?;
+        Ok(s == "needs_resync")
+    })
+    .await?;
+    let (code, out, err) = hq_exec(&hq, &["resync", "b01"]).await?;
+    assert_eq!(code, 0, "{out}\n{err}");
+    check(&hq, &hq_files, &content, &["late.jpg"]).await?;
+    let (state, archived_as): (String, Option<String>) = sqlx::query_as(
+        "SELECT state, archived_as FROM sync.files WHERE location_id = 'b01' AND path = 'late.jpg'",
+    )
+    .fetch_one(&hq.pool)
+    .await?;
+    assert_eq!(state, "deleted");
+    let archived_as = archived_as.expect("late.jpg archived");
+    assert!(
+        hq_files.join(&archived_as).is_file() && archived_as.starts_with(".archive/b01/late.jpg."),
+        "{archived_as}"
+    );
+    let (code, out, err) = hq_exec(&hq, &["verify", "b01", "--settle", "10s"]).await?;
+    assert_eq!(code, 0, "{out}\n{err}");
+    hq.stop().await?;
+    b.stop().await?;
+    Ok(())
+}

@@ -19,6 +19,7 @@
 
 pub mod download;
 pub mod place;
+pub mod snapshot;
 
 use crate::error::{Error, Result};
 use crate::validate::FileEvent;

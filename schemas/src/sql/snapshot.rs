@@ -73,6 +73,12 @@ fn pg_order(alias: &str, table: &Table) -> String {
 
 /// A page of a SQLite branch table. `with_after`: the variant continuing after `?1`.
 pub fn sqlite_page(table: &Table, with_after: bool) -> String {
+    sqlite_page_from(table, &q(&table.name), with_after)
+}
+
+/// [`sqlite_page`] reading from the physical table `from` (the file index of wire
+/// table `_files`: [`files_source`]).
+pub fn sqlite_page_from(table: &Table, from: &str, with_after: bool) -> String {
     let cols: Vec<String> = keys(table)
         .into_iter()
         .map(|(k, _)| format!("t.{}", q(k)))
@@ -90,13 +96,18 @@ pub fn sqlite_page(table: &Table, with_after: bool) -> String {
         "SELECT {row}, {pk} FROM {tbl} AS t {filter} ORDER BY {order} LIMIT ?2",
         row = sqlite::row_object("t", table),
         pk = sqlite::pk_object("t", table),
-        tbl = q(&table.name),
+        tbl = from,
         order = cols.join(", "),
     )
 }
 
 /// A page of a PostgreSQL branch table. `with_after`: the variant continuing after `$1`.
 pub fn postgres_page(table: &Table, with_after: bool) -> String {
+    postgres_page_from(table, &q(&table.name), with_after)
+}
+
+/// [`postgres_page`] reading from the physical table `from`.
+pub fn postgres_page_from(table: &Table, from: &str, with_after: bool) -> String {
     let all: Vec<&str> = table.column_names().collect();
     let ks: Vec<&str> = table.primary_key.iter().map(String::as_str).collect();
     let filter = if with_after {
@@ -112,7 +123,7 @@ pub fn postgres_page(table: &Table, with_after: bool) -> String {
         "SELECT ({row})::text, ({pk})::text FROM {tbl} AS t {filter} ORDER BY {order} LIMIT $2",
         row = postgres::jsonb_object("t", table, &all),
         pk = postgres::jsonb_object("t", table, &ks),
-        tbl = q(&table.name),
+        tbl = from,
         order = pg_order("t", table),
     )
 }
@@ -149,6 +160,17 @@ pub fn hq_range(table: &Table, target: &str, lower: bool, upper: bool) -> String
         order = pg_order("t", table),
     )
 }
+
+/// The physical file index behind wire table `_files`: (SQLite, PostgreSQL).
+pub const fn files_source() -> (&'static str, &'static str) {
+    (sqlite::FILES, "pull.files")
+}
+
+/// HQ's live file records of a location as a relation shaped like a mirror table of
+/// [`crate::catalogue::files_table`] (`location_id`, the index columns, `_deleted`), for
+/// [`hq_range`]'s `target`: verify compares it with the branch's index.
+pub const HQ_FILES_RELATION: &str = "(SELECT location_id, path, size, sha256, mtime, \
+     deleted AS _deleted FROM sync.files)";
 
 /// The staging table of `table` used by a resync.
 pub fn stage_table(table: &Table) -> String {
