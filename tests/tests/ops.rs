@@ -63,12 +63,16 @@ fn code_metrics() -> Result<BTreeSet<String>> {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "rs") {
                 let text = std::fs::read_to_string(&p)?;
-                for part in text.split('"').skip(1).step_by(2) {
-                    let metric = part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
-                    if metric
-                        && (part.starts_with("hq_puller_") || part.starts_with("branch_listener_"))
-                    {
-                        out.insert(part.to_string());
+                // Every string literal that starts like a metric name (searching for the
+                // opening quote, so a quote character elsewhere cannot shift the parity).
+                for prefix in ["\"hq_puller_", "\"branch_listener_"] {
+                    for (i, _) in text.match_indices(prefix) {
+                        let rest = &text[i + 1..];
+                        let Some(end) = rest.find('"') else { continue };
+                        let part = &rest[..end];
+                        if part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                            out.insert(part.to_string());
+                        }
                     }
                 }
             }
