@@ -244,6 +244,13 @@ impl World {
                     .bind(cursor.tick)
                     .fetch_one(&mut c)
                     .await?;
+            // A path with an event after HQ's cursor is still in flight: HQ holds one of its
+            // earlier versions (or none); leave it out on both sides.
+            let in_flight: std::collections::HashSet<String> = newest_files
+                .iter()
+                .filter(|(_, s)| **s > head_seq)
+                .map(|(p, _)| p.clone())
+                .collect();
             newest_files.retain(|_, s| *s <= head_seq);
             // Paths whose newest event precedes T0 came with the snapshot's `_files`
             // pages: recorded with `_seq = 0` when indexed at the branch, absent if deleted.
@@ -263,6 +270,7 @@ impl World {
                     .fetch_all(&self.hq.pool)
                     .await?
                     .into_iter()
+                    .filter(|(p, _)| !in_flight.contains(p))
                     .collect();
             if files_at_hq != newest_files {
                 let wrong: Vec<String> = newest_files
