@@ -39,6 +39,18 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::transient(format!("file store: {what} {}: {e}", path.display()))
 }
 
+/// `create_dir_all` with an error that says what is wrong when something that is not a
+/// directory is in the way (the OS only says "File exists").
+pub fn create_dirs(dir: &Path) -> Result<()> {
+    match std::fs::create_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::transient(format!(
+            "file store: creating {}: a file that is not a directory is in the way ({e})",
+            dir.display()
+        ))),
+        r => r.map_err(|e| io_err("creating", dir, e)),
+    }
+}
+
 /// Hashes the first bytes already downloaded (resume).
 async fn hash_prefix(path: &Path, h: &mut Sha256) -> std::io::Result<u64> {
     let mut f = tokio::fs::File::open(path).await?;
@@ -75,9 +87,7 @@ pub async fn fetch(
         }
     }
     let tmp_dir = store.tmp_dir();
-    tokio::fs::create_dir_all(&tmp_dir)
-        .await
-        .map_err(|e| io_err("creating", &tmp_dir, e))?;
+    create_dirs(&tmp_dir)?;
     // Per location: two locations fetching the same content never share a partial file
     // (both then rename identical, verified content onto the same object).
     let part = tmp_dir.join(format!("{sha256}.{location}.part"));
@@ -91,9 +101,7 @@ pub async fn fetch(
             }
             Ok(Some(bytes)) => {
                 let dir = object.parent().expect("object path has a parent");
-                tokio::fs::create_dir_all(dir)
-                    .await
-                    .map_err(|e| io_err("creating", dir, e))?;
+                create_dirs(dir)?;
                 tokio::fs::rename(&part, &object)
                     .await
                     .map_err(|e| io_err("storing", &object, e))?;

@@ -8,7 +8,7 @@
 //! file, never a partial one. Deletes are mirrored (removed) or archived
 //! (`.archive/<LOCATION>/<PATH>.<UTC timestamp>`).
 
-use super::download::sync_dir;
+use super::download::{create_dirs, sync_dir};
 use super::{Action, FileDelete, Item, Store};
 use crate::error::{Error, Result};
 use std::collections::BTreeSet;
@@ -60,9 +60,9 @@ fn place(
     }
     let target = store.target(location, path);
     let dir = target.parent().expect("target has a parent");
-    std::fs::create_dir_all(dir).map_err(|e| io_err("creating", dir, e))?;
+    create_dirs(dir)?;
     let tmp_dir = store.tmp_dir();
-    std::fs::create_dir_all(&tmp_dir).map_err(|e| io_err("creating", &tmp_dir, e))?;
+    create_dirs(&tmp_dir)?;
     let tmp = tmp_dir.join(format!("place-{}", uuid::Uuid::new_v4()));
     if std::fs::hard_link(&object, &tmp).is_err() {
         std::fs::copy(&object, &tmp).map_err(|e| io_err("copying", &object, e))?;
@@ -109,7 +109,7 @@ fn remove(
             let rel = format!(".archive/{location}/{path}.{stamp}");
             let archived = store.root.join(&rel);
             let adir = archived.parent().expect("archive path has a parent");
-            std::fs::create_dir_all(adir).map_err(|e| io_err("creating", adir, e))?;
+            create_dirs(adir)?;
             std::fs::rename(&target, &archived).map_err(|e| io_err("archiving", &target, e))?;
             dirs.insert(adir.to_path_buf());
             dirs.insert(dir.to_path_buf());

@@ -350,3 +350,86 @@ async fn file_events_without_files_dir_pause_the_location() {
     let reason = loc_row(hq.pool(), "b01").await.2.unwrap();
     assert!(reason.contains("files_dir is not configured"), "{reason}");
 }
+
+/// HQ disk full (and an unwritable object directory) in the file store: the pull fails
+/// with a transient error naming the path and the OS error, the location is `failing`
+/// (retried: an operator frees space, the service recovers by itself), the cursor does
+/// not move, nothing is recorded, placed or left half-written in `.objects`; once the
+/// fault is gone the next pull applies the batch.
+#[tokio::test]
+async fn disk_full_in_the_file_store_is_transient_and_leaves_nothing_behind() {
+    use sha2::Digest;
+    let content: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let sha = hex::encode(sha2::Sha256::digest(&content));
+    let mut b = Branch::new("b01");
+    b.add_file(&content);
+    let b = b.window(vec![
+        file_ev(1, "full.jpg", Some(&content)),
+        image_row(2, 1, "full.jpg"),
+    ]);
+    let (_fake, base) = Fake::start(vec![b]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hq = hq(
+        &[("b01", &base)],
+        &format!("files_dir = \"{}\"", dir.path().display()),
+    )
+    .await;
+    let target = dir.path().join("b01/full.jpg");
+
+    async fn assert_nothing_applied(hq: &super::Hq, target: &Path) {
+        assert_eq!(cursor_tick(hq.pool(), "b01").await, 0, "cursor unmoved");
+        assert_eq!(loc_row(hq.pool(), "b01").await.0, "failing");
+        assert!(sync_files(hq.pool(), "b01").await.is_empty());
+        assert!(live_images(hq.pool(), "b01").await.is_empty());
+        assert!(!target.exists(), "no file placed");
+    }
+
+    // 1. Disk full: the download's partial file is `/dev/full` (every write: ENOSPC).
+    let tmp = dir.path().join(".tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let part = tmp.join(format!("{sha}.b01.part"));
+    std::os::unix::fs::symlink("/dev/full", &part).unwrap();
+    let r = pull(&hq, &["b01"]).await;
+    assert_eq!(r[0].outcome, "failed", "{:?}", r[0]);
+    let err = r[0].error.clone().unwrap();
+    assert!(
+        err.contains(&part.display().to_string()) && err.contains("No space left on device"),
+        "{err}"
+    );
+    assert_nothing_applied(&hq, &target).await;
+    assert_eq!(count_files(&dir.path().join(".objects")), 0, "no object");
+
+    // 2. The object's directory cannot be created (a regular file `.objects/ab` is in
+    // the way; works as root): the verified download is never renamed into place.
+    std::fs::remove_file(&part).unwrap();
+    let objects = dir.path().join(".objects");
+    std::fs::create_dir_all(&objects).unwrap();
+    let blocker = objects.join(&sha[..2]);
+    std::fs::write(&blocker, b"").unwrap();
+    let r = pull(&hq, &["b01"]).await;
+    assert_eq!(r[0].outcome, "failed", "{:?}", r[0]);
+    let err = r[0].error.clone().unwrap();
+    assert!(
+        err.contains(&blocker.display().to_string())
+            && err.contains("not a directory is in the way"),
+        "{err}"
+    );
+    assert_nothing_applied(&hq, &target).await;
+    assert_eq!(count_files(&objects), 1, "only the blocker, no object");
+
+    // 3. The fault is gone: the same batch applies.
+    std::fs::remove_file(&blocker).unwrap();
+    let r = pull(&hq, &["b01"]).await;
+    assert_eq!(r[0].outcome, "ok", "{:?}", r[0]);
+    assert_eq!(loc_row(hq.pool(), "b01").await.0, "ok");
+    assert_eq!(cursor_tick(hq.pool(), "b01").await, 2);
+    let placed = std::fs::read(&target).unwrap();
+    assert_eq!(hex::encode(sha2::Sha256::digest(&placed)), sha);
+    assert_eq!(
+        sync_files(hq.pool(), "b01").await,
+        vec![("full.jpg".into(), "stored".into(), Some(sha.clone()))]
+    );
+    assert_eq!(live_images(hq.pool(), "b01").await, vec!["full.jpg"]);
+    assert_eq!(count_files(&objects), 1);
+    assert_eq!(count_files(&tmp), 0, "no temporaries left");
+}
