@@ -41,7 +41,20 @@ while [ $# -gt 0 ]; do
   shift
 done
 case "$reps" in ''|*[!0-9]*|0) echo "tests/bench/run.sh: --reps must be a positive number" >&2; exit 2 ;; esac
-command -v jq >/dev/null || { echo "tests/bench/run.sh: jq is required (apt-get install jq)" >&2; exit 2; }
+# System packages the benchmarks need (jq: the summary lines; rsync: the files peer),
+# installed when absent, as tests/run.sh does for its own.
+missing=()
+command -v jq >/dev/null || missing+=(jq)
+command -v rsync >/dev/null || missing+=(rsync)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "tests/bench/run.sh: missing system packages: ${missing[*]}; install them as root: apt-get install -y ${missing[*]}" >&2
+    exit 2
+  fi
+  echo "==> installing missing system packages: ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || { echo "tests/bench/run.sh: apt-get install ${missing[*]} failed" >&2; exit 2; }
+fi
 target=${CARGO_TARGET_DIR:-$root/target}
 if [ "$quick" = 1 ]; then reps=1; profile=dev; bindir=$target/debug; out=${out:-$target/BENCHMARKS-quick.md}
 else profile=release; bindir=$target/release; out=${out:-$root/BENCHMARKS.md}; fi
