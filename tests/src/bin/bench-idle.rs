@@ -134,7 +134,7 @@ async fn run(args: &Args, n: usize) -> Result<Figures> {
     let token = dir.path().join("token");
     write_private(&token, "bench-idle-token-0123456789abcdef\n")?;
     let mut cfg = format!(
-        "database_url = \"{hq_url}\"\nschedule = \"{}\"\nfiles_dir = \"{}\"\n",
+        "database_url = \"{hq_url}\"\nschedule = \"{}\"\nfiles_dir = \"{}\"\n# loopback fakes\nallow_plain_http = true\n",
         args.schedule,
         dir.path().join("hq-files").display()
     );
