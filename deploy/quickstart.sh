@@ -20,7 +20,8 @@
 #   --schedule CRON   hq-puller schedule, cron with seconds (default "*/2 * * * * *")
 #   --data-dir DIR    data folder (default ./demo-data); wiped at start
 #
-# Files (image) replication comes in a later release: this compares rows only.
+# Image files replicate too (files pull area); the final comparison is of rows, and the file
+# count at HQ is reported (use `hq-puller verify` for a file-by-file check).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -276,5 +277,6 @@ awk '$11 == "OK" || $11 == "DIFF" { b[$2] += $4; h[$2] += $8; n[$2]++ }
   "$data/verify.txt" | sort
 echo "Per location and table (row counts and checksums of both sides): $data/verify.txt"
 echo "hq-puller status: $data/hq/status.txt   logs: $data/logs/"
-echo "Image files are created at the branches; their replication is a later release (rows only here)."
+stored=$(psql -qtAX "$hq_url" -c "SELECT count(*) FROM sync.files WHERE state = 'stored'" 2>/dev/null || echo "?")
+echo "image files stored at HQ (sync.files, content verified by sha256): $stored, under $data/hq/files/"
 echo "total time: $(( $(date +%s) - started_at ))s"
