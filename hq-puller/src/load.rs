@@ -242,20 +242,9 @@ pub async fn initial(app: &App, loc: &Location) -> Result<Loaded> {
         },
     };
     set_loading(&app.pool, &loc.id, "initial load running").await?;
-    let targets: Vec<String> = app
-        .settings
-        .catalogue
-        .tables
-        .iter()
-        .map(hq::mirror_table)
-        .collect();
-    let Some(rows) = load_pages(app, loc, &row, &targets, "load").await? else {
+    let Some(rows) = load_all(app, loc, &row, hq::mirror_table, "load").await? else {
         return Ok(Loaded::Interrupted);
     };
-    let Some(files) = load_files(app, loc, &row).await? else {
-        return Ok(Loaded::Interrupted);
-    };
-    let rows = rows + files;
     let mut tx = app.pool.begin().await?;
     let stored: Option<String> =
         sqlx::query_scalar("SELECT cursor FROM sync.locations WHERE id = $1 FOR UPDATE")
@@ -364,20 +353,9 @@ async fn resync_inner(app: &App, loc: &Location) -> Result<Loaded> {
         }
     };
     set_loading(&app.pool, &loc.id, "resync running").await?;
-    let targets: Vec<String> = app
-        .settings
-        .catalogue
-        .tables
-        .iter()
-        .map(snapshot::stage_table)
-        .collect();
-    let Some(rows) = load_pages(app, loc, &row, &targets, "resync").await? else {
+    let Some(rows) = load_all(app, loc, &row, snapshot::stage_table, "resync").await? else {
         return Ok(Loaded::Interrupted);
     };
-    let Some(files) = load_files(app, loc, &row).await? else {
-        return Ok(Loaded::Interrupted);
-    };
-    let rows = rows + files;
     // The switch: one transaction.
     let mut tx = app.pool.begin().await?;
     sqlx::query("SELECT 1 FROM sync.locations WHERE id = $1 FOR UPDATE")
@@ -426,6 +404,25 @@ async fn fetch(
     rows: u32,
 ) -> Result<(SnapshotPage, u64)> {
     client.snapshot_page(&table, after.as_deref(), rows).await
+}
+
+/// Loads every catalogue table (into the table `target` names for it), then the file
+/// index. Returns the rows loaded by this call, or `None` when interrupted by shutdown.
+async fn load_all(
+    app: &App,
+    loc: &Location,
+    row: &LoadRow,
+    target: fn(&schemas::catalogue::Table) -> String,
+    what: &'static str,
+) -> Result<Option<u64>> {
+    let targets: Vec<String> = app.settings.catalogue.tables.iter().map(target).collect();
+    let Some(rows) = load_pages(app, loc, row, &targets, what).await? else {
+        return Ok(None);
+    };
+    let Some(files) = load_files(app, loc, row).await? else {
+        return Ok(None);
+    };
+    Ok(Some(rows + files))
 }
 
 /// Loads every table from where `row` stands into `targets` (one per catalogue table).

@@ -96,24 +96,32 @@ pub fn cli_interface(bin: &Path) -> Result<(Vec<String>, BTreeSet<String>)> {
     Ok((subcommands, flags))
 }
 
-/// The paths of every `.route("...")` in the `.rs` files under `src`.
-pub fn routes(src: &Path) -> Result<BTreeSet<String>> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![src.to_path_buf()];
+/// The text of every `.rs` file under the folders `dirs` (recursively).
+pub fn rust_sources(dirs: &[&Path]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack: Vec<_> = dirs.iter().map(|d| d.to_path_buf()).collect();
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d)? {
             let p = e?.path();
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "rs") {
-                let text = std::fs::read_to_string(&p)?;
-                for (i, _) in text.match_indices(".route(") {
-                    let rest = text[i + 7..].trim_start();
-                    if let Some(rest) = rest.strip_prefix('"') {
-                        if let Some(end) = rest.find('"') {
-                            out.insert(rest[..end].to_string());
-                        }
-                    }
+                out.push(std::fs::read_to_string(&p)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The paths of every `.route("...")` in the `.rs` files under `src`.
+pub fn routes(src: &Path) -> Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for text in rust_sources(&[src])? {
+        for (i, _) in text.match_indices(".route(") {
+            let rest = text[i + 7..].trim_start();
+            if let Some(rest) = rest.strip_prefix('"') {
+                if let Some(end) = rest.find('"') {
+                    out.insert(rest[..end].to_string());
                 }
             }
         }

@@ -52,28 +52,21 @@ fn documented_metrics() -> Result<BTreeSet<String>> {
 /// `"branch_listener_…"` in the sources of both binaries.
 fn code_metrics() -> Result<BTreeSet<String>> {
     let mut out = BTreeSet::new();
-    let mut stack = vec![
+    let dirs = [
         root().join("hq-puller/src"),
         root().join("branch-listener/src"),
     ];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                let text = std::fs::read_to_string(&p)?;
-                // Every string literal that starts like a metric name (searching for the
-                // opening quote, so a quote character elsewhere cannot shift the parity).
-                for prefix in ["\"hq_puller_", "\"branch_listener_"] {
-                    for (i, _) in text.match_indices(prefix) {
-                        let rest = &text[i + 1..];
-                        let Some(end) = rest.find('"') else { continue };
-                        let part = &rest[..end];
-                        if part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
-                            out.insert(part.to_string());
-                        }
-                    }
+    let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    for text in tests::docs::rust_sources(&dirs)? {
+        // Every string literal that starts like a metric name (searching for the opening
+        // quote, so a quote character elsewhere cannot shift the parity).
+        for prefix in ["\"hq_puller_", "\"branch_listener_"] {
+            for (i, _) in text.match_indices(prefix) {
+                let rest = &text[i + 1..];
+                let Some(end) = rest.find('"') else { continue };
+                let part = &rest[..end];
+                if part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    out.insert(part.to_string());
                 }
             }
         }
