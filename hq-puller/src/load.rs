@@ -19,6 +19,12 @@
 //! Progress (table, last key, rows, T0) is stored in `sync.loads` in the same
 //! transaction as each page, so a crashed load resumes at its next page. The next page
 //! is fetched while the current one is applied.
+//!
+//! Each page's progress update is a compare-and-set on the position the previous page
+//! wrote ([`Position`]), and the last transaction checks the final one: an HQ database
+//! that loses acknowledged commits in a crash (`synchronous_commit = off`) loses a
+//! suffix of them, and the load then fails at its next page and resumes from what is
+//! stored, instead of going on past a page that is not there.
 
 use crate::config::Location;
 use crate::error::{Error, Result};
@@ -51,6 +57,84 @@ pub struct LoadRow {
     pub table_name: Option<String>,
     pub last_key: Option<String>,
     pub rows_loaded: i64,
+}
+
+/// Where a load stands in `sync.loads` (`table_name`, `last_key`): what this process
+/// last committed, the expected value of the next compare-and-set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Position {
+    table: Option<String>,
+    key: Option<String>,
+}
+
+impl Position {
+    fn of(row: &LoadRow) -> Position {
+        Position {
+            table: row.table_name.clone(),
+            key: row.last_key.clone(),
+        }
+    }
+}
+
+/// Moves the load's progress from `from` to `to` (adding `rows`) in `tx`, which commits
+/// the page: fails when `sync.loads` does not stand at `from` (another process restarted
+/// the load, or HQ lost the previous page's commit in a crash).
+async fn advance(
+    tx: &mut sqlx::PgConnection,
+    location: &str,
+    row: &LoadRow,
+    from: &Position,
+    to: &Position,
+    rows: u64,
+) -> Result<()> {
+    let r = sqlx::query(
+        "UPDATE sync.loads SET table_name = $5, last_key = $6, rows_loaded = rows_loaded + $7, \
+         updated_at = now() WHERE location_id = $1 AND start_cursor = $2 \
+         AND table_name IS NOT DISTINCT FROM $3 AND last_key IS NOT DISTINCT FROM $4",
+    )
+    .bind(location)
+    .bind(row.start.to_string())
+    .bind(from.table.as_deref())
+    .bind(from.key.as_deref())
+    .bind(to.table.as_deref())
+    .bind(to.key.as_deref())
+    .bind(rows as i64)
+    .execute(&mut *tx)
+    .await?;
+    if r.rows_affected() != 1 {
+        return Err(moved(location, row));
+    }
+    Ok(())
+}
+
+/// Checks, in the transaction that ends the load, that `sync.loads` stands at `at`.
+async fn expect_position(
+    tx: &mut sqlx::PgConnection,
+    location: &str,
+    row: &LoadRow,
+    at: &Position,
+) -> Result<()> {
+    let stored: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT table_name, last_key FROM sync.loads \
+         WHERE location_id = $1 AND start_cursor = $2 FOR UPDATE",
+    )
+    .bind(location)
+    .bind(row.start.to_string())
+    .fetch_optional(&mut *tx)
+    .await?;
+    match stored {
+        Some((table, key)) if table == at.table && key == at.key => Ok(()),
+        _ => Err(moved(location, row)),
+    }
+}
+
+fn moved(location: &str, row: &LoadRow) -> Error {
+    Error::transient(format!(
+        "the progress of the {} of {location} in sync.loads is not where this process left it \
+         (another process restarted it, or HQ's database lost recent commits in a crash): \
+         it resumes from the stored progress",
+        row.kind
+    ))
 }
 
 /// How a load ended.
@@ -242,10 +326,12 @@ pub async fn initial(app: &App, loc: &Location) -> Result<Loaded> {
         },
     };
     set_loading(&app.pool, &loc.id, "initial load running").await?;
-    let Some(rows) = load_all(app, loc, &row, hq::mirror_table, "load").await? else {
+    let mut at = Position::of(&row);
+    let Some(rows) = load_all(app, loc, &row, &mut at, hq::mirror_table, "load").await? else {
         return Ok(Loaded::Interrupted);
     };
     let mut tx = app.pool.begin().await?;
+    expect_position(&mut tx, &loc.id, &row, &at).await?;
     let stored: Option<String> =
         sqlx::query_scalar("SELECT cursor FROM sync.locations WHERE id = $1 FOR UPDATE")
             .bind(&loc.id)
@@ -353,11 +439,14 @@ async fn resync_inner(app: &App, loc: &Location) -> Result<Loaded> {
         }
     };
     set_loading(&app.pool, &loc.id, "resync running").await?;
-    let Some(rows) = load_all(app, loc, &row, snapshot::stage_table, "resync").await? else {
+    let mut at = Position::of(&row);
+    let Some(rows) = load_all(app, loc, &row, &mut at, snapshot::stage_table, "resync").await?
+    else {
         return Ok(Loaded::Interrupted);
     };
     // The switch: one transaction.
     let mut tx = app.pool.begin().await?;
+    expect_position(&mut tx, &loc.id, &row, &at).await?;
     sqlx::query("SELECT 1 FROM sync.locations WHERE id = $1 FOR UPDATE")
         .bind(&loc.id)
         .execute(&mut *tx)
@@ -407,19 +496,21 @@ async fn fetch(
 }
 
 /// Loads every catalogue table (into the table `target` names for it), then the file
-/// index. Returns the rows loaded by this call, or `None` when interrupted by shutdown.
+/// index, moving `at` along with each committed page. Returns the rows loaded by this
+/// call, or `None` when interrupted by shutdown.
 async fn load_all(
     app: &App,
     loc: &Location,
     row: &LoadRow,
+    at: &mut Position,
     target: fn(&schemas::catalogue::Table) -> String,
     what: &'static str,
 ) -> Result<Option<u64>> {
     let targets: Vec<String> = app.settings.catalogue.tables.iter().map(target).collect();
-    let Some(rows) = load_pages(app, loc, row, &targets, what).await? else {
+    let Some(rows) = load_pages(app, loc, row, at, &targets, what).await? else {
         return Ok(None);
     };
-    let Some(files) = load_files(app, loc, row).await? else {
+    let Some(files) = load_files(app, loc, row, at).await? else {
         return Ok(None);
     };
     Ok(Some(rows + files))
@@ -431,6 +522,7 @@ async fn load_pages(
     app: &App,
     loc: &Location,
     row: &LoadRow,
+    at: &mut Position,
     targets: &[String],
     what: &'static str,
 ) -> Result<Option<u64>> {
@@ -520,7 +612,7 @@ async fn load_pages(
                 let f = inflight.pop_front().expect("not empty");
                 let committed = match f.insert.await {
                     Ok(Ok(tx)) => {
-                        commit_page(app, loc, row, table, tx, f.rows, f.next_after.as_deref()).await
+                        commit_page(app, loc, row, at, table, tx, f.rows, f.next_after).await
                     }
                     Ok(Err(e)) => Err(e),
                     Err(e) => Err(Error::Other(format!("snapshot insert task: {e}"))),
@@ -641,45 +733,43 @@ async fn insert_page(
 }
 
 /// Records the progress up to this page's last key and commits its transaction.
+#[allow(clippy::too_many_arguments)]
 async fn commit_page(
     app: &App,
     loc: &Location,
     row: &LoadRow,
+    at: &mut Position,
     table: &Table,
     mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
     rows: u64,
-    next_after: Option<&str>,
+    next_after: Option<String>,
 ) -> Result<()> {
-    // Done with this table: the next one starts at its beginning.
-    let (tname, key) = match next_after {
-        Some(k) => (Some(table.name.as_str()), Some(k)),
+    let to = match next_after {
+        Some(k) => Position {
+            table: Some(table.name.clone()),
+            key: Some(k),
+        },
+        // Done with this table: the next one starts at its beginning.
         None => {
             let tables = &app.settings.catalogue.tables;
             let i = tables
                 .iter()
                 .position(|t| t.name == table.name)
                 .unwrap_or(0);
-            (tables.get(i + 1).map(|t| t.name.as_str()), None)
+            Position {
+                table: Some(
+                    tables
+                        .get(i + 1)
+                        .map_or("(done)", |t| t.name.as_str())
+                        .to_string(),
+                ),
+                key: None,
+            }
         }
     };
-    let r = sqlx::query(
-        "UPDATE sync.loads SET table_name = $3, last_key = $4, rows_loaded = rows_loaded + $5, \
-         updated_at = now() WHERE location_id = $1 AND start_cursor = $2",
-    )
-    .bind(&loc.id)
-    .bind(row.start.to_string())
-    .bind(tname.unwrap_or("(done)"))
-    .bind(key)
-    .bind(rows as i64)
-    .execute(&mut *tx)
-    .await?;
-    if r.rows_affected() != 1 {
-        return Err(Error::transient(format!(
-            "the {} of {} was restarted by another process",
-            row.kind, loc.id
-        )));
-    }
+    advance(&mut tx, &loc.id, row, at, &to, rows).await?;
     tx.commit().await?;
+    *at = to;
     Ok(())
 }
 
@@ -690,7 +780,12 @@ const PAGE_FILE_RETRIES: u32 = 120;
 /// tables, from where `row` stands: initial load places and records them in each page's
 /// transaction, resync places them and stages the index rows (see
 /// [`crate::files::snapshot`]). Returns the files loaded, `None` when interrupted.
-async fn load_files(app: &App, loc: &Location, row: &LoadRow) -> Result<Option<u64>> {
+async fn load_files(
+    app: &App,
+    loc: &Location,
+    row: &LoadRow,
+    at: &mut Position,
+) -> Result<Option<u64>> {
     let mut after = match row.table_name.as_deref() {
         Some(fsnap::FILES_DONE) => return Ok(Some(0)),
         Some(FILES_TABLE) => row.last_key.clone(),
@@ -737,28 +832,20 @@ async fn load_files(app: &App, loc: &Location, row: &LoadRow) -> Result<Option<u
         } else {
             crate::files::place_and_record(&mut tx, &loc.id, &plan).await?;
         }
-        let r = sqlx::query(
-            "UPDATE sync.loads SET table_name = $3, last_key = $4, rows_loaded = rows_loaded + $5, \
-             updated_at = now() WHERE location_id = $1 AND start_cursor = $2",
-        )
-        .bind(&loc.id)
-        .bind(row.start.to_string())
-        .bind(if next_after.is_some() {
-            FILES_TABLE
-        } else {
-            fsnap::FILES_DONE
-        })
-        .bind(next_after.as_deref())
-        .bind(page.rows.len() as i64)
-        .execute(&mut *tx)
-        .await?;
-        if r.rows_affected() != 1 {
-            return Err(Error::transient(format!(
-                "the {} of {} was restarted by another process",
-                row.kind, loc.id
-            )));
-        }
+        let to = Position {
+            table: Some(
+                if next_after.is_some() {
+                    FILES_TABLE
+                } else {
+                    fsnap::FILES_DONE
+                }
+                .to_string(),
+            ),
+            key: next_after.clone(),
+        };
+        advance(&mut tx, &loc.id, row, at, &to, page.rows.len() as u64).await?;
         tx.commit().await?;
+        *at = to;
         n_files += page.rows.len() as u64;
         tracing::debug!(location = %loc.id, files = page.rows.len(), "snapshot page of _files loaded");
         after = next_after;

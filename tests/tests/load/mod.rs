@@ -9,7 +9,8 @@
 //!   location's are detected (`needs_resync` with the reason), nothing is merged, and
 //!   `hq-puller resync` makes HQ equal again while a reader never sees a half-switched
 //!   location;
-//! - `kill -9` of hq-puller during an initial load: the load resumes from its last page.
+//! - `kill -9` of hq-puller during an initial load: the load resumes from its last page;
+//! - a page whose commit HQ's database lost after acknowledging it is loaded again.
 
 use super::*;
 use tests::process::binary;
@@ -449,6 +450,54 @@ async fn kill_9_during_initial_load_resumes_and_ends_equal() -> Result<()> {
         "{}",
         w.hq.log_tail(40)
     );
+    verify_equal(&w.hq).await?;
+    w.shutdown().await
+}
+
+/// HQ's database loses the commit of the first `products` page after acknowledging it
+/// (what a crash does to a server with `synchronous_commit = off`: a suffix of the
+/// acknowledged commits is gone). Simulated by a trigger on `sync.loads` that, in that
+/// page's transaction, removes the page's rows and keeps the old progress. The next
+/// page's compare-and-set on the progress finds the old position, the load resumes from
+/// what is stored, and the lost page is loaded again: HQ ends equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_page_whose_commit_hq_lost_is_loaded_again() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut w = preloaded(1, 0, 2_000, &["UTC"], 500).await?;
+    for stmt in [
+        "CREATE TABLE public.lost_once (at timestamptz NOT NULL DEFAULT now())",
+        "CREATE FUNCTION public.lose_first_products_page() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF OLD.table_name IS NULL AND NEW.table_name = 'products' \
+              AND NOT EXISTS (SELECT 1 FROM public.lost_once) THEN \
+             INSERT INTO public.lost_once DEFAULT VALUES; \
+             DELETE FROM hq.products WHERE location_id = NEW.location_id; \
+             RETURN OLD; \
+           END IF; \
+           RETURN NEW; \
+         END $$",
+        "CREATE TRIGGER lose_first_products_page BEFORE UPDATE ON sync.loads \
+         FOR EACH ROW EXECUTE FUNCTION public.lose_first_products_page()",
+    ] {
+        sqlx::query(stmt).execute(&w.hq.pool).await?;
+    }
+    w.hq.start()?;
+    w.wait_caught_up(Duration::from_secs(90)).await?;
+    let lost: i64 = sqlx::query_scalar("SELECT count(*) FROM public.lost_once")
+        .fetch_one(&w.hq.pool)
+        .await?;
+    assert_eq!(lost, 1, "the trigger did not fire: the test lost its fault");
+    assert!(
+        w.hq.log_tail(400)
+            .contains("is not where this process left it"),
+        "{}",
+        w.hq.log_tail(40)
+    );
+    for b in w.refs() {
+        let r = w.hq.compare(b).await?;
+        assert!(r.is_equal(), "{r}");
+    }
+    assert_eq!(live_count(&w.hq, "products", "b01").await?, 2_000);
     verify_equal(&w.hq).await?;
     w.shutdown().await
 }
