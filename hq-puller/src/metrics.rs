@@ -17,6 +17,7 @@ pub const JOB_STALLED: &str = "hq_puller_job_stalled";
 pub const FILES_DOWNLOADED: &str = "hq_puller_files_downloaded_total";
 pub const FILES_DOWNLOADED_BYTES: &str = "hq_puller_files_downloaded_bytes_total";
 pub const FILES_CHECKSUM_FAILURES: &str = "hq_puller_files_checksum_failures_total";
+pub const FILES_THROTTLED: &str = "hq_puller_files_throttled_total";
 pub const FILES_SUPERSEDED: &str = "hq_puller_files_superseded_total";
 /// Rows loaded by initial loads and resyncs.
 pub const LOADED_ROWS: &str = "hq_puller_loaded_rows_total";
@@ -36,6 +37,7 @@ pub const ALL: &[&str] = &[
     FILES_DOWNLOADED,
     FILES_DOWNLOADED_BYTES,
     FILES_CHECKSUM_FAILURES,
+    FILES_THROTTLED,
     FILES_SUPERSEDED,
     LOADED_ROWS,
 ];
@@ -90,6 +92,7 @@ pub fn restore(row: &crate::store::StatusRow) {
     metrics::counter!(FILES_DOWNLOADED, "location" => l.clone()).increment(0);
     metrics::counter!(FILES_DOWNLOADED_BYTES, "location" => l.clone()).increment(0);
     metrics::counter!(FILES_CHECKSUM_FAILURES, "location" => l.clone()).increment(0);
+    metrics::counter!(FILES_THROTTLED, "location" => l.clone()).increment(0);
     metrics::counter!(FILES_SUPERSEDED, "location" => l.clone()).increment(0);
     metrics::counter!(LOADED_ROWS, "location" => l.clone()).increment(0);
     metrics::gauge!(JOB_STALLED, "location" => l).set(0.0);

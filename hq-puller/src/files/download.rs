@@ -33,6 +33,21 @@ enum Attempt {
     Cut(String),
     /// Wrong size or checksum: start over.
     Mismatch(String),
+    /// 429: the listener's rate limit; wait this long and ask again (not an attempt).
+    Throttled(std::time::Duration),
+}
+
+/// 429 answers waited out per content before the batch fails (and backs off).
+const THROTTLED_WAITS: usize = 120;
+
+/// The wait a 429 asks for (`Retry-After` in seconds, 1 s when absent), at most 10 s.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> std::time::Duration {
+    let secs = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    std::time::Duration::from_secs(secs.clamp(1, 10))
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -92,7 +107,10 @@ pub async fn fetch(
     // (both then rename identical, verified content onto the same object).
     let part = tmp_dir.join(format!("{sha256}.{location}.part"));
     let mut last = String::new();
-    for attempt in 1..=ATTEMPTS {
+    let mut attempt = 0;
+    let mut throttled = 0;
+    while attempt < ATTEMPTS {
+        attempt += 1;
         match attempt_once(client, &part, location, path, sha256, size).await? {
             Ok(None) => {
                 // Superseded.
@@ -122,6 +140,25 @@ pub async fn fetch(
                 tracing::warn!(location, path, sha256, attempt, error = %why, "downloaded file failed verification; discarded");
                 let _ = tokio::fs::remove_file(&part).await;
                 last = why;
+            }
+            Err(Attempt::Throttled(wait)) if throttled < THROTTLED_WAITS => {
+                throttled += 1;
+                attempt -= 1;
+                metrics::counter!(m::FILES_THROTTLED, "location" => location.to_string())
+                    .increment(1);
+                tracing::debug!(
+                    location,
+                    path,
+                    wait_ms = wait.as_millis() as u64,
+                    "listener rate-limited a file download; waiting"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(Attempt::Throttled(_)) => {
+                return Err(Error::transient(format!(
+                    "file {path:?} of location {location}: the listener rate-limited (HTTP 429) \
+                     its download {THROTTLED_WAITS} times in a row; raise its rate_limit_per_second"
+                )));
             }
         }
     }
@@ -162,12 +199,16 @@ async fn attempt_once(
     };
     let status = resp.status();
     if status == StatusCode::NOT_FOUND || !status.is_success() {
+        let headers = resp.headers().clone();
         let body = resp.bytes().await.unwrap_or_default();
         let code = serde_json::from_slice::<schemas::wire::ErrorBody>(&body)
             .map(|b| b.error.code)
             .unwrap_or_default();
         if status == StatusCode::NOT_FOUND && code == schemas::wire::error_code::FILE_NOT_FOUND {
             return Ok(Ok(None));
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Ok(Err(Attempt::Throttled(retry_after(&headers))));
         }
         if status == StatusCode::RANGE_NOT_SATISFIABLE {
             let _ = tokio::fs::remove_file(part).await;

@@ -82,6 +82,8 @@ pub enum FileFault {
     Truncate,
     /// The connection is cut after this many bytes of the body.
     Cut(usize),
+    /// 429 `rate_limited` with `Retry-After: 1`.
+    RateLimited,
 }
 
 impl Branch {
@@ -349,6 +351,12 @@ async fn file_handler(
         b.file_ranges.push(range.clone());
         (b.files.get(&sha).cloned(), b.file_faults.pop_front())
     });
+    if fault == Some(FileFault::RateLimited) {
+        let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "slow down");
+        r.headers_mut()
+            .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        return r;
+    }
     let Some(mut content) = content else {
         return error(StatusCode::NOT_FOUND, "file_not_found", "no such file");
     };
@@ -373,7 +381,7 @@ async fn file_handler(
         builder = builder.header("content-range", format!("bytes {n}-{}/{size}", size - 1));
     }
     match fault {
-        None => builder.body(axum::body::Body::from(body)).unwrap(),
+        None | Some(FileFault::RateLimited) => builder.body(axum::body::Body::from(body)).unwrap(),
         Some(FileFault::Corrupt) => {
             let i = body.len() / 2;
             body[i] ^= 0xff;

@@ -206,6 +206,42 @@ async fn corrupted_and_truncated_downloads_are_never_stored() {
     assert_eq!(live_images(hq.pool(), "b01").await, vec!["p.jpg"]);
 }
 
+/// 429 answers (the listener's rate limit) are waited out and asked again within the
+/// run, without using up the download attempts: more 429s than attempts, then the
+/// content, and the batch commits.
+#[tokio::test]
+async fn rate_limited_downloads_wait_and_do_not_fail_the_run() {
+    let content: &[u8] = b"an image behind a rate limit";
+    let mut b = Branch::new("b01");
+    b.add_file(content);
+    for _ in 0..hq_puller::files::download::ATTEMPTS + 1 {
+        b.file_faults.push_back(FileFault::RateLimited);
+    }
+    let b = b.window(vec![
+        file_ev(1, "r.jpg", Some(content)),
+        image_row(2, 1, "r.jpg"),
+    ]);
+    let (fake, base) = Fake::start(vec![b]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hq = hq(
+        &[("b01", &base)],
+        &format!("files_dir = \"{}\"", dir.path().display()),
+    )
+    .await;
+    let r = pull(&hq, &["b01"]).await;
+    assert_eq!(r[0].outcome, "ok", "{:?}", r[0]);
+    assert_eq!(
+        std::fs::read(dir.path().join("b01/r.jpg")).unwrap(),
+        content
+    );
+    assert_eq!(
+        fake.with("b01", |b| b.file_ranges.len()),
+        hq_puller::files::download::ATTEMPTS + 2,
+        "each 429 asked again, then the content"
+    );
+    assert_eq!(live_images(hq.pool(), "b01").await, vec!["r.jpg"]);
+}
+
 /// A download cut mid-body is resumed with `Range` from the bytes already there.
 #[tokio::test]
 async fn cut_download_resumes_with_range() {
