@@ -76,7 +76,8 @@ pub struct Config {
     /// HTTPS: the private key (PEM, PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`.
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
-    /// Requests per second allowed per client IP address (token bucket); 0 = no limit.
+    /// Requests per second allowed per client IP address for requests without a valid
+    /// token (token bucket); 0 = no limit. Requests with a valid token are not limited.
     #[serde(default = "crate::limits::default_rate_limit")]
     pub rate_limit_per_second: u32,
     /// Burst size of the per-client token bucket.

@@ -1,5 +1,7 @@
 //! Request limits of the listener, outermost first: a token bucket per client IP address
-//! (`rate_limit_per_second`, `rate_limit_burst`: 429 `rate_limited` with `Retry-After`),
+//! (`rate_limit_per_second`, `rate_limit_burst`: 429 `rate_limited` with `Retry-After`)
+//! for requests without a valid token (HQ's own requests are bounded by the concurrency
+//! cap only: a branch with 10,000 new images must not be served at 100 files/s),
 //! a cap on the request head (431 above [`MAX_HEADER_BYTES`]), and a cap on requests
 //! served at once (`max_concurrent_requests`: further requests wait up to
 //! [`QUEUE_WAIT`], then 503). The request time limit, the body limit and GET-only
@@ -13,6 +15,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use schemas::secret::Tokens;
 use schemas::wire::{error_code, ErrorBody, ErrorDetail};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -124,16 +127,32 @@ impl RateLimiter {
 struct Limits {
     rate: Arc<RateLimiter>,
     slots: Arc<Semaphore>,
+    tokens: Tokens,
 }
 
-/// Wraps the router in the limits of `config`.
-pub fn wrap<S: Clone + Send + Sync + 'static>(router: Router<S>, config: &Config) -> Router<S> {
+/// The bearer token a request presents ("" when none).
+pub fn bearer(req: &Request) -> &str {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+/// Wraps the router in the limits of `config`; requests presenting one of `tokens` skip
+/// the rate limit.
+pub fn wrap<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    config: &Config,
+    tokens: Tokens,
+) -> Router<S> {
     let limits = Limits {
         rate: Arc::new(RateLimiter::new(
             config.rate_limit_per_second,
             config.rate_limit_burst,
         )),
         slots: Arc::new(Semaphore::new(config.max_concurrent_requests as usize)),
+        tokens,
     };
     router
         .layer(middleware::from_fn_with_state(limits.clone(), concurrency))
@@ -153,6 +172,10 @@ fn refused(status: StatusCode, code: &str, message: String, reason: &'static str
 }
 
 async fn rate(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    let presented = bearer(&req);
+    if !presented.is_empty() && limits.tokens.accepts(presented) {
+        return next.run(req).await;
+    }
     // Without connection info (a router driven in-process), all requests share a bucket.
     let ip = req
         .extensions()

@@ -1,5 +1,6 @@
 //! The listener's exposure, on the real binary: read-only (every other method 405,
-//! unknown paths 404), request head and rate limits per client, and tokens never in
+//! unknown paths 404), request head limits, rate limits per client for requests without a
+//! valid token (HQ's are not limited), and tokens never in
 //! a log line or in HQ's status output.
 
 use anyhow::Result;
@@ -92,21 +93,37 @@ async fn read_only_endpoints_and_request_limits() -> Result<()> {
     assert!(r.headers().get("retry-after").is_some());
     let body: schemas::wire::ErrorBody = r.json().await?;
     assert_eq!(body.error.code, "rate_limited");
-    // The bucket refills: the client is served again, and the refusals are counted.
-    let text = wait_for(
-        "the rate limit to let /metrics through",
+    // A wrong token is limited like no token.
+    let r = client
+        .get(format!("{base}/v1/status"))
+        .bearer_auth("wrong-token-0123456789")
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 429);
+    // The empty bucket does not hold back a client presenting a valid token (HQ):
+    // 50 rapid requests are all served.
+    for i in 0..50 {
+        let r = client
+            .get(format!("{base}/v1/status"))
+            .bearer_auth(b.token())
+            .send()
+            .await?;
+        assert!(r.status().is_success(), "request {i}: {}", r.status());
+    }
+    let r = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(b.token())
+        .send()
+        .await?;
+    assert!(r.status().is_success());
+    let text = r.text().await?;
+    // The bucket refills: the unauthenticated client is served again.
+    wait_for(
+        "the rate limit to let /healthz through",
         Duration::from_secs(20),
         || async {
-            let r = client
-                .get(format!("{base}/metrics"))
-                .bearer_auth(b.token())
-                .send()
-                .await?;
-            Ok(if r.status().is_success() {
-                Some(r.text().await?)
-            } else {
-                None
-            })
+            let r = client.get(format!("{base}/healthz")).send().await?;
+            Ok(r.status().is_success().then_some(()))
         },
     )
     .await?;
