@@ -70,6 +70,13 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     #[serde(default)]
     pub admin_allow_remote: bool,
+    /// When the file store is swept of content no file refers to (cron with seconds;
+    /// "" = never). See `crate::files::gc`.
+    #[serde(default = "default_files_gc_schedule")]
+    pub files_gc_schedule: String,
+    /// Unreferenced objects and download leftovers younger than this are kept.
+    #[serde(default = "default_files_gc_min_age", with = "humantime_serde")]
+    pub files_gc_min_age: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -142,6 +149,12 @@ fn default_connect_timeout() -> Duration {
 fn default_batch_limit() -> u32 {
     5000
 }
+fn default_files_gc_schedule() -> String {
+    "0 30 3 * * *".into()
+}
+fn default_files_gc_min_age() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
 fn default_snapshot_page_rows() -> u32 {
     schemas::wire::DEFAULT_SNAPSHOT_LIMIT
 }
@@ -184,6 +197,10 @@ pub struct Settings {
     pub locations: Vec<Location>,
     pub snapshot_page_rows: u32,
     pub admin_listen: Option<SocketAddr>,
+    /// When the file store is swept (`None`: never, only `hq-puller gc-files`).
+    pub files_gc_schedule: Option<String>,
+    /// What the sweep keeps: anything younger.
+    pub files_gc_min_age: Duration,
 }
 
 impl Settings {
@@ -366,6 +383,14 @@ impl Config {
             self.admin_listen,
             self.admin_allow_remote,
         ));
+        let gc_schedule = self.files_gc_schedule.trim();
+        if !gc_schedule.is_empty() {
+            if let Err(e) = parse_cron(gc_schedule) {
+                problems.push(format!(
+                    "files_gc_schedule: invalid cron expression {gc_schedule:?} (6 fields, seconds first; \"\" = never): {e}"
+                ));
+            }
+        }
         if !problems.is_empty() {
             return Err(Error::Config(problems.join("\n")));
         }
@@ -380,6 +405,8 @@ impl Config {
             locations,
             snapshot_page_rows: self.snapshot_page_rows,
             admin_listen: self.admin_listen,
+            files_gc_schedule: (!gc_schedule.is_empty()).then(|| gc_schedule.to_string()),
+            files_gc_min_age: self.files_gc_min_age,
         })
     }
 }

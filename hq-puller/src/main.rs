@@ -76,6 +76,16 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         settle: std::time::Duration,
     },
+    /// Sweep the file store now: remove content objects no file refers to and leftovers
+    /// of interrupted downloads (the service does it at `files_gc_schedule`).
+    GcFiles {
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep what is younger than this (default: `files_gc_min_age`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        min_age: Option<std::time::Duration>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -136,6 +146,30 @@ async fn dispatch(cmd: Command, settings: config::Settings) -> Result<ExitCode, 
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::GcFiles { dry_run, min_age } => {
+            let Some(root) = &settings.files_dir else {
+                return Err(Error::Config(
+                    "files_dir is not set: there is no file store to sweep".into(),
+                ));
+            };
+            let min_age = min_age.unwrap_or(settings.files_gc_min_age);
+            let store = hq_puller::files::Store::new(root);
+            let s = tokio::task::spawn_blocking(move || {
+                hq_puller::files::gc::sweep(&store, min_age, dry_run)
+            })
+            .await
+            .map_err(|e| Error::Other(format!("file store sweep: {e}")))??;
+            println!(
+                "{} {} unreferenced objects ({} bytes) and {} download leftovers ({} bytes); {} objects in use kept",
+                if dry_run { "would remove" } else { "removed" },
+                s.objects,
+                s.object_bytes,
+                s.leftovers,
+                s.leftover_bytes,
+                s.kept
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
             let shutdown = CancellationToken::new();

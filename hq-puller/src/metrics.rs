@@ -18,6 +18,8 @@ pub const FILES_DOWNLOADED: &str = "hq_puller_files_downloaded_total";
 pub const FILES_DOWNLOADED_BYTES: &str = "hq_puller_files_downloaded_bytes_total";
 pub const FILES_CHECKSUM_FAILURES: &str = "hq_puller_files_checksum_failures_total";
 pub const FILES_THROTTLED: &str = "hq_puller_files_throttled_total";
+pub const FILES_GC_REMOVED: &str = "hq_puller_files_gc_removed_total";
+pub const FILES_GC_REMOVED_BYTES: &str = "hq_puller_files_gc_removed_bytes_total";
 pub const FILES_SUPERSEDED: &str = "hq_puller_files_superseded_total";
 /// Rows loaded by initial loads and resyncs.
 pub const LOADED_ROWS: &str = "hq_puller_loaded_rows_total";
@@ -38,6 +40,8 @@ pub const ALL: &[&str] = &[
     FILES_DOWNLOADED_BYTES,
     FILES_CHECKSUM_FAILURES,
     FILES_THROTTLED,
+    FILES_GC_REMOVED,
+    FILES_GC_REMOVED_BYTES,
     FILES_SUPERSEDED,
     LOADED_ROWS,
 ];
@@ -74,6 +78,9 @@ pub fn restore(row: &crate::store::StatusRow) {
     set_state(&l, &row.state);
     metrics::counter!(APPLIED_CHANGES, "location" => l.clone()).increment(0);
     metrics::counter!(APPLIED_BYTES, "location" => l.clone()).increment(0);
+    // Not per location (registering twice is harmless).
+    metrics::counter!(FILES_GC_REMOVED).increment(0);
+    metrics::counter!(FILES_GC_REMOVED_BYTES).increment(0);
     for kind in [
         crate::ErrorKind::Transient,
         crate::ErrorKind::Permanent,

@@ -82,6 +82,21 @@ impl Scheduler {
                 }
             }
         }
+        if let (Some(root), Some(cron)) = (&app.settings.files_dir, &app.settings.files_gc_schedule)
+        {
+            let (store, min_age) = (
+                crate::files::Store::new(root),
+                app.settings.files_gc_min_age,
+            );
+            let job = Job::new_async(cron.as_str(), move |_uuid, _lock| {
+                Box::pin(crate::files::gc::scheduled(store.clone(), min_age))
+            })
+            .map_err(|e| Error::Scheduler(format!("files_gc_schedule {cron:?}: {e}")))?;
+            sched
+                .add(job)
+                .await
+                .map_err(|e| Error::Scheduler(format!("files_gc_schedule: {e}")))?;
+        }
         sched
             .start()
             .await

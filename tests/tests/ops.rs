@@ -675,3 +675,110 @@ fn alert_rules_parse_and_use_documented_metrics() -> Result<()> {
     }
     Ok(())
 }
+
+/// Ages a file (its inode: every hard link of it) by `secs`.
+fn age(path: &Path, secs: u64) -> Result<()> {
+    std::fs::File::options()
+        .write(true)
+        .open(path)?
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(secs))?;
+    Ok(())
+}
+
+/// The file store's sweep, on the real binary: `gc-files --dry-run` reports and removes
+/// nothing; `gc-files` removes the old unreferenced object and an old partial download
+/// but keeps the object of a placed file, a young one and the placed file itself; the
+/// service sweeps at `files_gc_schedule` by itself; a bad schedule is a config error
+/// naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_sweep_by_command_and_by_schedule() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir()?;
+    let url = tests::pg::fresh_database("hq_gc").await?;
+    let mut hq = Hq::new(
+        dir.path(),
+        &url,
+        &tests::fleet::HqOptions {
+            extra: "allow_plain_http = true\nfiles_gc_schedule = \"* * * * * *\"\nfiles_gc_min_age = \"1h\"\n"
+                .into(),
+            ..Default::default()
+        },
+        &[],
+    )
+    .await?;
+    let store = dir.path().join("hq-files");
+    let object = |sha: &str, body: &[u8]| -> Result<PathBuf> {
+        let p = store.join(".objects").join(&sha[..2]).join(sha);
+        std::fs::create_dir_all(p.parent().expect("parent"))?;
+        std::fs::write(&p, body)?;
+        Ok(p)
+    };
+    let used = object(&format!("aa{}", "0".repeat(62)), b"placed")?;
+    let garbage = object(&format!("bb{}", "1".repeat(62)), b"old version")?;
+    let young = object(&format!("cc{}", "2".repeat(62)), b"just downloaded")?;
+    let placed = store.join("b01/images/1.jpg");
+    std::fs::create_dir_all(placed.parent().expect("parent"))?;
+    std::fs::hard_link(&used, &placed)?;
+    let part = store
+        .join(".tmp")
+        .join(format!("dd{}.b01.part", "3".repeat(62)));
+    std::fs::create_dir_all(part.parent().expect("parent"))?;
+    std::fs::write(&part, b"half")?;
+    for p in [&used, &garbage, &part] {
+        age(p, 7200)?;
+    }
+
+    let out = hq.command(&["gc-files", "--dry-run"]).await?;
+    ensure!(
+        out.contains("would remove 1 unreferenced objects (11 bytes) and 1 download leftovers (4 bytes); 2 objects in use kept"),
+        "{out}"
+    );
+    ensure!(garbage.exists() && part.exists(), "a dry run removed files");
+    let out = hq.command(&["gc-files"]).await?;
+    ensure!(out.starts_with("removed 1 unreferenced objects"), "{out}");
+    ensure!(!garbage.exists() && !part.exists());
+    ensure!(used.exists() && young.exists());
+    ensure!(std::fs::read(&placed)? == b"placed");
+    // --min-age 0s: the young object goes too.
+    let out = hq.command(&["gc-files", "--min-age", "0s"]).await?;
+    ensure!(out.starts_with("removed 1 unreferenced objects"), "{out}");
+    ensure!(!young.exists() && used.exists());
+
+    // The service sweeps at its schedule (every second here).
+    let garbage = object(&format!("ee{}", "4".repeat(62)), b"replaced image")?;
+    age(&garbage, 7200)?;
+    hq.migrate().await?;
+    hq.start()?;
+    let log = hq.log.clone();
+    wait_for("the scheduled sweep", Duration::from_secs(30), || async {
+        Ok(
+            (!garbage.exists() && std::fs::read_to_string(&log)?.contains("file store swept"))
+                .then_some(()),
+        )
+    })
+    .await
+    .with_context(|| hq.log_tail(20))?;
+    ensure!(used.exists() && std::fs::read(&placed)? == b"placed");
+    hq.stop().await?;
+
+    // A bad schedule: exit 2, the key named.
+    let text = std::fs::read_to_string(&hq.config)?;
+    std::fs::write(
+        &hq.config,
+        text.replace(
+            "files_gc_schedule = \"* * * * * *\"",
+            "files_gc_schedule = \"daily\"",
+        ),
+    )?;
+    let out = tokio::process::Command::new(binary("hq-puller")?)
+        .args(["check-config", "--config"])
+        .arg(&hq.config)
+        .output()
+        .await?;
+    ensure!(out.status.code() == Some(2), "{out:?}");
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("files_gc_schedule"),
+        "{out:?}"
+    );
+    Ok(())
+}

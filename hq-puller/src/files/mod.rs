@@ -18,6 +18,7 @@
 //! recorded as `superseded` and the batch goes on.
 
 pub mod download;
+pub mod gc;
 pub mod place;
 pub mod snapshot;
 
