@@ -166,6 +166,19 @@ impl Config {
         Self::from_figment(fig.merge(env))
     }
 
+    /// Every key at its default but the three required ones; not validated (tests and
+    /// embedders set what they need with struct update syntax, then validate).
+    pub fn with_defaults(location: &str, database_url: &str, token_file: &Path) -> Result<Config> {
+        let text = format!(
+            "location = {location:?}\ndatabase_url = {database_url:?}\ntoken_file = {:?}\n",
+            token_file.display().to_string()
+        );
+        Figment::new()
+            .merge(Toml::string(&text))
+            .extract()
+            .map_err(figment_error)
+    }
+
     pub fn from_figment(fig: Figment) -> Result<Config> {
         let c: Config = fig.extract().map_err(figment_error)?;
         c.validate()?;

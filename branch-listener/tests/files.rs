@@ -42,27 +42,17 @@ async fn branch(pg: bool) -> Result<Branch> {
         format!("sqlite://{}", dir.path().join("pm.db").display())
     };
     let config = Config {
-        location: "b01".into(),
-        database_url,
         listen: "127.0.0.1:0".into(),
-        token_file,
-        time_zone: "UTC".into(),
-        catalogue_file: None,
         files_dir: Some(files.clone()),
         retention: Duration::from_secs(3600),
         prune_interval: Duration::from_secs(3600),
         tick_interval: Duration::from_millis(100),
         max_limit: 1000,
         max_wait: Duration::from_secs(10),
-        log_format: "text".into(),
         files_rescan_interval: Duration::from_secs(3600),
         files_settle: LONG_SETTLE,
-        files_ignore: branch_listener::config::default_files_ignore(),
-        tls_cert_file: None,
-        tls_key_file: None,
         rate_limit_per_second: 0,
-        rate_limit_burst: 1,
-        max_concurrent_requests: 64,
+        ..Config::with_defaults("b01", &database_url, &token_file)?
     };
     let db = Db::connect_lazy(&config, true)?;
     install::install(&db, &Catalogue::product_management(), true).await?;

@@ -23,27 +23,17 @@ fn cases(default: u32) -> u32 {
 /// A configuration for `parse_params` (which reads only the limits).
 fn config() -> Config {
     Config {
-        location: "b01".into(),
-        database_url: "sqlite:///tmp/fuzz.db".into(),
         listen: "127.0.0.1:0".into(),
-        token_file: "/nonexistent/token".into(),
-        time_zone: "UTC".into(),
-        catalogue_file: None,
-        files_dir: None,
-        retention: Duration::from_secs(3600),
-        prune_interval: Duration::from_secs(60),
-        tick_interval: Duration::from_secs(1),
         max_limit: 1000,
         max_wait: Duration::from_secs(30),
-        log_format: "text".into(),
-        files_rescan_interval: Duration::from_secs(300),
-        files_settle: Duration::from_secs(2),
-        files_ignore: branch_listener::config::default_files_ignore(),
-        tls_cert_file: None,
-        tls_key_file: None,
         rate_limit_per_second: 0,
-        rate_limit_burst: 1,
         max_concurrent_requests: 8,
+        ..Config::with_defaults(
+            "b01",
+            "sqlite:///tmp/fuzz.db",
+            std::path::Path::new("/nonexistent/token"),
+        )
+        .expect("defaults")
     }
 }
 

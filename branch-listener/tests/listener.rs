@@ -126,27 +126,14 @@ async fn branch(backend: Backend) -> Result<Branch> {
         }
     };
     let config = Config {
-        location: "b01".into(),
-        database_url: url.clone(),
         listen: "127.0.0.1:0".into(),
-        token_file,
         time_zone: "Europe/Berlin".into(),
-        catalogue_file: None,
-        files_dir: None,
-        retention: Duration::from_secs(24 * 3600),
         prune_interval: Duration::from_secs(3600),
         tick_interval: Duration::from_millis(100),
         max_limit: 1000,
         max_wait: Duration::from_secs(30),
-        log_format: "text".into(),
-        files_rescan_interval: Duration::from_secs(300),
-        files_settle: Duration::from_secs(2),
-        files_ignore: branch_listener::config::default_files_ignore(),
-        tls_cert_file: None,
-        tls_key_file: None,
         rate_limit_per_second: 0,
-        rate_limit_burst: 1,
-        max_concurrent_requests: 64,
+        ..Config::with_defaults("b01", &url, &token_file)?
     };
     let db = Db::connect_lazy(&config, true)?;
     let app = match backend {
