@@ -492,7 +492,9 @@ async fn fetch(
     after: Option<String>,
     rows: u32,
 ) -> Result<(SnapshotPage, u64)> {
-    client.snapshot_page(&table, after.as_deref(), rows).await
+    client
+        .snapshot_page(&table, after.as_deref(), rows, true)
+        .await
 }
 
 /// Loads every catalogue table (into the table `target` names for it), then the file
@@ -543,7 +545,13 @@ async fn load_pages(
     let page_rows = app.settings.snapshot_page_rows;
     let mut progress = Progress::new(&loc.id, what);
     for (ti, table) in tables.iter().enumerate().skip(first) {
-        let upsert = hq::upsert_into(table, &targets[ti]);
+        let upserts = Upserts {
+            json: hq::upsert_into(table, &targets[ti]),
+            json_insert: hq::insert_into(table, &targets[ti]),
+            copied: hq::upsert_from_load_page(table, &targets[ti]),
+            copied_insert: hq::insert_from_load_page(table, &targets[ti]),
+            create_page: hq::create_load_page(table),
+        };
         let mut after = if ti == first {
             row.last_key.clone()
         } else {
@@ -584,18 +592,25 @@ async fn load_pages(
                             page_rows,
                         )));
                     }
-                    let rows = page.rows.len() as u64;
-                    let json = (!page.rows.is_empty()).then(|| {
-                        crate::apply::images_json(page.rows.iter().map(|r| (r.get(), 0, false)))
-                    });
+                    let (rows, data) = match page.copy {
+                        Some(copy) => (copy.rows, Some(PageRows::Copy(copy))),
+                        None => (
+                            page.rows.len() as u64,
+                            (!page.rows.is_empty()).then(|| {
+                                PageRows::Json(crate::apply::images_json(
+                                    page.rows.iter().map(|r| (r.get(), 0, false)),
+                                ))
+                            }),
+                        ),
+                    };
                     inflight.push_back(InFlight {
                         insert: tokio::spawn(insert_page(
                             app.pool.clone(),
                             row.time_zone.clone(),
-                            upsert.clone(),
+                            upserts.clone(),
                             loc.id.clone(),
                             table.name.clone(),
-                            json,
+                            data,
                         )),
                         rows,
                         next_after,
@@ -660,6 +675,15 @@ fn check_page(page: &SnapshotPage, loc: &Location, row: &LoadRow, table: &Table)
             page.location, page.table, loc.id, table.name
         )));
     }
+    if let Some(copy) = &page.copy {
+        if !page.rows.is_empty() {
+            return Err(Error::permanent(format!(
+                "snapshot page of {} holds both JSON rows and COPY text",
+                table.name
+            )));
+        }
+        check_copy(copy, table)?;
+    }
     for r in &page.rows {
         let s = r.get().trim();
         if s.len() < 2 || !s.starts_with('{') || !s.ends_with('}') {
@@ -670,6 +694,87 @@ fn check_page(page: &SnapshotPage, loc: &Location, row: &LoadRow, table: &Table)
         }
     }
     Ok(())
+}
+
+/// A `COPY` text page must name catalogue columns of `table` (each once, the key among
+/// them) and hold no rows besides: its lines are copied by these names, so a branch
+/// whose column order differs still lands each value in its column.
+fn check_copy(copy: &schemas::wire::CopyRows, table: &Table) -> Result<()> {
+    if table.name == FILES_TABLE {
+        return Err(Error::permanent(
+            "listener answered the _files snapshot page as COPY text (only JSON rows are valid there)"
+                .to_string(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in &copy.columns {
+        if table.column(c).is_none() || !seen.insert(c.as_str()) {
+            return Err(Error::permanent(format!(
+                "snapshot page of {} in COPY text names column {:?} twice or not in the catalogue",
+                table.name,
+                c.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    if let Some(k) = table
+        .primary_key
+        .iter()
+        .find(|k| !seen.contains(k.as_str()))
+    {
+        return Err(Error::permanent(format!(
+            "snapshot page of {} in COPY text lacks key column {k}",
+            table.name
+        )));
+    }
+    Ok(())
+}
+
+/// A table's load statements: the upsert (and plain insert) of JSON images, and the
+/// temporary table and upsert (and plain insert) of a page copied in as `COPY` text.
+#[derive(Clone)]
+struct Upserts {
+    json: String,
+    json_insert: String,
+    copied: String,
+    copied_insert: String,
+    create_page: String,
+}
+
+/// Runs a page's plain insert (`insert`, half the cost of the upsert) in a savepoint;
+/// when the target already holds one of the page's keys (`unique_violation`: a page
+/// loaded again after its progress was lost, rows left by another process), rolls the
+/// savepoint back and runs the guarded upsert instead, so the outcome is the upsert's
+/// in every case.
+async fn insert_or_upsert(
+    tx: &mut sqlx::PgConnection,
+    insert: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    upsert: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query("SAVEPOINT hq_load_page")
+        .execute(&mut *tx)
+        .await?;
+    match insert.execute(&mut *tx).await {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+            sqlx::query("ROLLBACK TO SAVEPOINT hq_load_page")
+                .execute(&mut *tx)
+                .await?;
+            upsert.execute(&mut *tx).await?;
+        }
+        Err(e) => return Err(e),
+    }
+    sqlx::query("RELEASE SAVEPOINT hq_load_page")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// A page's rows as sent to HQ's database.
+enum PageRows {
+    /// The JSON array of images (with `_seq` 0, `_deleted` false) for `json_to_recordset`.
+    Json(String),
+    /// `COPY` text, copied into [`hq::LOAD_PAGE`] then upserted from there.
+    Copy(schemas::wire::CopyRows),
 }
 
 /// Pages whose rows are inserted concurrently (each in its own transaction) while the
@@ -700,11 +805,18 @@ fn abort_all(
 async fn insert_page(
     pool: PgPool,
     time_zone: String,
-    upsert: String,
+    upserts: Upserts,
     location: String,
     table: String,
-    json: Option<String>,
+    rows: Option<PageRows>,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let db_error = |e: sqlx::Error| {
+        let msg = format!("loading table {table}: {e}");
+        match crate::error::db_error_kind(&e) {
+            crate::ErrorKind::Transient => Error::transient(msg),
+            _ => Error::permanent(msg),
+        }
+    };
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('TimeZone', $1, true)")
         .bind(&time_zone)
@@ -715,19 +827,49 @@ async fn insert_page(
                 "branch time_zone {time_zone:?} is not a zone PostgreSQL knows: {e}"
             ))
         })?;
-    if let Some(json) = json {
-        sqlx::query(&upsert)
-            .bind(&json)
-            .bind(&location)
-            .execute(&mut *tx)
+    match rows {
+        None => {}
+        Some(PageRows::Json(json)) => {
+            insert_or_upsert(
+                &mut tx,
+                sqlx::query(&upserts.json_insert)
+                    .bind(&json)
+                    .bind(&location),
+                sqlx::query(&upserts.json).bind(&json).bind(&location),
+            )
             .await
-            .map_err(|e| {
-                let msg = format!("loading table {table}: {e}");
-                match crate::error::db_error_kind(&e) {
-                    crate::ErrorKind::Transient => Error::transient(msg),
-                    _ => Error::permanent(msg),
-                }
-            })?;
+            .map_err(db_error)?;
+        }
+        Some(PageRows::Copy(copy)) => {
+            sqlx::query(&upserts.create_page)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            let cols: Vec<String> = copy.columns.iter().map(|c| schemas::sql::q(c)).collect();
+            let mut sink = tx
+                .copy_in_raw(&format!(
+                    "COPY {} ({}) FROM STDIN",
+                    hq::LOAD_PAGE,
+                    cols.join(", ")
+                ))
+                .await
+                .map_err(db_error)?;
+            sink.send(copy.text.into_bytes()).await.map_err(db_error)?;
+            let copied = sink.finish().await.map_err(db_error)?;
+            if copied != copy.rows {
+                return Err(Error::permanent(format!(
+                    "snapshot page of {table} in COPY text holds {copied} lines, the listener said {}",
+                    copy.rows
+                )));
+            }
+            insert_or_upsert(
+                &mut tx,
+                sqlx::query(&upserts.copied_insert).bind(&location),
+                sqlx::query(&upserts.copied).bind(&location),
+            )
+            .await
+            .map_err(db_error)?;
+        }
     }
     Ok(tx)
 }
@@ -800,6 +942,7 @@ async fn load_files(
                 FILES_TABLE,
                 after.as_deref(),
                 app.settings.snapshot_page_rows,
+                false,
             )
             .await?;
         check_page(&page, loc, row, &files_table)?;

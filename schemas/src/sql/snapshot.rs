@@ -130,6 +130,48 @@ pub fn postgres_page_from(table: &Table, from: &str, with_after: bool) -> String
     )
 }
 
+/// A string literal that reads the same whatever `standard_conforming_strings` says.
+fn pg_e_lit(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// A page of a PostgreSQL branch table as `COPY (...) TO STDOUT` text (the `format=copy`
+/// page, [`crate::wire::CopyRows`]): the catalogue columns in catalogue order with the
+/// values of the row image (blobs as hex, reals with `-0` as `0` like `to_jsonb`), then
+/// the key image (JSON, as [`postgres_page`] returns it) as a last field, which the
+/// listener strips. `COPY` takes no parameters: `after` (a JSON object already checked)
+/// and `limit` are inlined, `after` as an escaped literal.
+pub fn postgres_copy_page(table: &Table, after: Option<&str>, limit: u32) -> String {
+    let ks: Vec<&str> = table.primary_key.iter().map(String::as_str).collect();
+    let cols: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| {
+            let v = format!("t.{}", q(&c.name));
+            match c.ty {
+                ColumnType::Blob => format!("encode({v}, 'hex')"),
+                ColumnType::Real => format!("CASE WHEN {v} = 0 THEN 0::float8 ELSE {v} END"),
+                _ => v,
+            }
+        })
+        .collect();
+    let filter = match after {
+        Some(a) => format!(
+            "WHERE {} > {}",
+            pg_key_tuple("t", table),
+            pg_param_tuple(&pg_e_lit(a), table)
+        ),
+        None => String::new(),
+    };
+    format!(
+        "COPY (SELECT {cols}, ({pk})::text FROM {tbl} AS t {filter} ORDER BY {order} LIMIT {limit}) TO STDOUT",
+        cols = cols.join(", "),
+        pk = postgres::json_row("t", table, &ks),
+        tbl = q(&table.name),
+        order = pg_order("t", table),
+    )
+}
+
 /// Live rows of one location in `target` (`hq.<t>` or a staging table) whose key is
 /// after `$2` (when `lower`) and at most `$3` (when `upper`), in key order, at most `$4`:
 /// `(row image, key image)` as JSON text.
@@ -248,6 +290,17 @@ mod tests {
             ],
             file_column: None,
         };
+        let c = postgres_copy_page(t, Some(r#"{"product_id":7}"#), 5);
+        assert!(c.starts_with("COPY (SELECT t.\"product_id\", "), "{c}");
+        assert!(
+            c.contains("> (CAST((E'{\"product_id\":7}'::jsonb ->> 'product_id') AS bigint))"),
+            "{c}"
+        );
+        assert!(
+            c.ends_with("ORDER BY t.\"product_id\" LIMIT 5) TO STDOUT"),
+            "{c}"
+        );
+        assert_eq!(pg_e_lit(r"a'b\c"), r"E'a''b\\c'");
         let p = postgres_page(&text_key, true);
         assert!(
             p.contains("ORDER BY (t.\"a\" COLLATE \"C\"), t.\"b\""),
