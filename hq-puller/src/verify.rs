@@ -16,13 +16,13 @@ use crate::config::Location;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::App;
+use futures::StreamExt;
 use schemas::canonical::{canonical_row, CanonicalRow, RowHasher, Zone};
 use schemas::catalogue::Table;
 use schemas::files::FILES_TABLE;
 use schemas::sql::{hq, snapshot};
 use schemas::Cursor;
 use serde::Serialize;
-use futures::StreamExt;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -390,10 +390,7 @@ async fn verify_table(
             .map(|range| hq_rows(app, &loc.id, table, range, zone, tz))
             .buffered(2);
         for (c, range) in resp.chunks.iter().zip(&ranges) {
-            let rows = hq_chunks
-                .next()
-                .await
-                .expect("one HQ range per chunk")?;
+            let rows = hq_chunks.next().await.expect("one HQ range per chunk")?;
             let range = range.clone();
             res.chunks += 1;
             res.branch_rows += c.rows;
