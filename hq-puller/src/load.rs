@@ -1005,3 +1005,118 @@ async fn load_files(
     }
     Ok(Some(n_files))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::wire::CopyRows;
+
+    fn statements(table: &Table) -> Upserts {
+        let target = hq::mirror_table(table);
+        Upserts {
+            json: hq::upsert_into(table, &target),
+            json_insert: hq::insert_into(table, &target),
+            copied: hq::upsert_from_load_page(table, &target),
+            copied_insert: hq::insert_from_load_page(table, &target),
+            create_page: hq::create_load_page(table),
+        }
+    }
+
+    fn copy_page(text: &str) -> PageRows {
+        PageRows::Copy(CopyRows {
+            columns: ["product_id", "sku", "unit_price", "updated_at"]
+                .map(String::from)
+                .to_vec(),
+            rows: text.lines().count() as u64,
+            text: text.into(),
+        })
+    }
+
+    async fn load(pool: &PgPool, table: &Table, rows: PageRows) -> Result<()> {
+        let tx = insert_page(
+            pool.clone(),
+            "Europe/Berlin".into(),
+            statements(table),
+            "b01".into(),
+            table.name.clone(),
+            Some(rows),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A COPY page lands with the upsert's conversions: exact numerics, instants, NULLs,
+    /// escapes; a numeric that does not fit is refused, not rounded; a page meeting keys
+    /// already present falls back to the guarded upsert (a newer row is kept); a line
+    /// count different from the listener's fails the page.
+    #[tokio::test]
+    async fn copy_pages_insert_with_the_upserts_checks() {
+        let url = ::tests::pg::fresh_database("hqp_copy").await.unwrap();
+        let pool = PgPool::connect(&url).await.unwrap();
+        schemas::migrations::MIGRATOR.run(&pool).await.unwrap();
+        let cat = schemas::Catalogue::product_management();
+        for s in hq::create_mirror_tables(&cat) {
+            sqlx::query(&s).execute(&pool).await.unwrap();
+        }
+        let t = cat.table("products").unwrap();
+        load(
+            &pool,
+            t,
+            copy_page(
+                "1\tA\\tB\\\\c\t19.90\t2026-03-29 02:30:00+02\n2\t\\N\t\\N\t2026-01-01 00:00:00\n",
+            ),
+        )
+        .await
+        .unwrap();
+        let rows: Vec<(i64, Option<String>, Option<String>, String, i64)> = sqlx::query_as(
+            "SELECT product_id, sku, unit_price::text, to_char(updated_at AT TIME ZONE 'UTC', \
+             'YYYY-MM-DD HH24:MI'), _seq FROM hq.products ORDER BY product_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    1,
+                    Some("A\tB\\c".into()),
+                    Some("19.90".into()),
+                    "2026-03-29 00:30".into(),
+                    0
+                ),
+                // Zone-less: read in the branch's zone.
+                (2, None, None, "2025-12-31 23:00".into(), 0),
+            ]
+        );
+
+        let e = load(&pool, t, copy_page("3\tx\t1.505\t\\N\n"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not fit numeric(12,2)"), "{e}");
+
+        // Key 1 exists with a streamed change (seq 5): the page's row loses; key 4 is new.
+        sqlx::query("UPDATE hq.products SET sku = 'streamed', _seq = 5 WHERE product_id = 1")
+            .execute(&pool)
+            .await
+            .unwrap();
+        load(&pool, t, copy_page("1\told\t1\t\\N\n4\tnew\t2\t\\N\n"))
+            .await
+            .unwrap();
+        let skus: Vec<String> =
+            sqlx::query_scalar("SELECT sku FROM hq.products WHERE sku IS NOT NULL ORDER BY 1")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(skus, vec!["new", "streamed"]);
+
+        let mut short = copy_page("5\ty\t1\t\\N\n");
+        if let PageRows::Copy(c) = &mut short {
+            c.rows = 2;
+        }
+        let e = load(&pool, t, short).await.unwrap_err().to_string();
+        assert!(e.contains("holds 1 lines, the listener said 2"), "{e}");
+    }
+}
