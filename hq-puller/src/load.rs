@@ -1032,6 +1032,9 @@ mod tests {
         })
     }
 
+    /// `(product_id, sku, unit_price, updated_at in UTC, _seq)`.
+    type Loaded = (i64, Option<String>, Option<String>, String, i64);
+
     async fn load(pool: &PgPool, table: &Table, rows: PageRows) -> Result<()> {
         let tx = insert_page(
             pool.clone(),
@@ -1069,7 +1072,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let rows: Vec<(i64, Option<String>, Option<String>, String, i64)> = sqlx::query_as(
+        let rows: Vec<Loaded> = sqlx::query_as(
             "SELECT product_id, sku, unit_price::text, to_char(updated_at AT TIME ZONE 'UTC', \
              'YYYY-MM-DD HH24:MI'), _seq FROM hq.products ORDER BY product_id",
         )
