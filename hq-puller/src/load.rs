@@ -551,6 +551,8 @@ async fn load_pages(
             copied: hq::upsert_from_load_page(table, &targets[ti]),
             copied_insert: hq::insert_from_load_page(table, &targets[ti]),
             create_page: hq::create_load_page(table),
+            target: targets[ti].clone(),
+            table: table.clone(),
         };
         let mut after = if ti == first {
             row.last_key.clone()
@@ -738,6 +740,9 @@ struct Upserts {
     copied: String,
     copied_insert: String,
     create_page: String,
+    /// The target table and its catalogue table (for [`crate::copy_page`]).
+    target: String,
+    table: Table,
 }
 
 /// Runs a page's plain insert (`insert`, half the cost of the upsert) in a savepoint;
@@ -841,6 +846,41 @@ async fn insert_page(
             .map_err(db_error)?;
         }
         Some(PageRows::Copy(copy)) => {
+            // Straight into the target when that gives the same rows (no blob, every
+            // numeric fits); on a key already present, the checked way below.
+            if let Some(text) = crate::copy_page::direct_text(&upserts.table, &copy, &location) {
+                sqlx::query("SAVEPOINT hq_load_page")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                let mut sink = tx
+                    .copy_in_raw(&crate::copy_page::statement(&upserts.target, &copy.columns))
+                    .await
+                    .map_err(db_error)?;
+                sink.send(text.into_bytes()).await.map_err(db_error)?;
+                match sink.finish().await {
+                    Ok(copied) if copied == copy.rows => {
+                        sqlx::query("RELEASE SAVEPOINT hq_load_page")
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        return Ok(tx);
+                    }
+                    Ok(copied) => {
+                        return Err(Error::permanent(format!(
+                            "snapshot page of {table} in COPY text holds {copied} lines, the listener said {}",
+                            copy.rows
+                        )))
+                    }
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT hq_load_page")
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                    }
+                    Err(e) => return Err(db_error(e)),
+                }
+            }
             sqlx::query(&upserts.create_page)
                 .execute(&mut *tx)
                 .await
@@ -1019,6 +1059,8 @@ mod tests {
             copied: hq::upsert_from_load_page(table, &target),
             copied_insert: hq::insert_from_load_page(table, &target),
             create_page: hq::create_load_page(table),
+            target,
+            table: table.clone(),
         }
     }
 
