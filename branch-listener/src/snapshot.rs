@@ -17,11 +17,12 @@ use crate::pull_area::Tick;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::Json;
+use futures::StreamExt;
 use schemas::canonical::{canonical_row, RowHasher, Zone};
 use schemas::catalogue::{files_table, Table};
 use schemas::files::FILES_TABLE;
 use schemas::sql::snapshot as sql;
-use schemas::wire::{self, ChecksumsResponse, Chunk, SnapshotPage, SnapshotStart};
+use schemas::wire::{self, ChecksumsResponse, Chunk, CopyRows, SnapshotPage, SnapshotStart};
 use schemas::{Catalogue, Cursor};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -135,12 +136,104 @@ impl Db {
         })
     }
 
+    /// Rows of catalogue table `table` after key `after` in key order, at most `limit`,
+    /// as `COPY` text ([`schemas::wire::CopyRows`]) with the key image of the last row;
+    /// `None` on SQLite (the page is served as JSON images).
+    pub async fn snapshot_copy(
+        &self,
+        table: &Table,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Option<(CopyRows, Option<String>)>> {
+        let Db::Postgres(pool) = self else {
+            return Ok(None);
+        };
+        let sql = sql::postgres_copy_page(table, after, limit);
+        let mut conn = pool.acquire().await?;
+        let mut raw_text = Vec::new();
+        {
+            let mut stream = conn.copy_out_raw(&sql).await?;
+            while let Some(chunk) = stream.next().await {
+                raw_text.extend_from_slice(&chunk?);
+            }
+        }
+        let (text, rows, last_key) = strip_key_field(&raw_text)?;
+        Ok(Some((
+            CopyRows {
+                columns: table.columns.iter().map(|c| c.name.clone()).collect(),
+                rows,
+                text,
+            },
+            last_key,
+        )))
+    }
+
     /// A fresh tick when changes are pending (SQLite: if the write lock is free soon),
     /// then the newest tick.
     async fn fresh_tick(&self) -> Result<Tick> {
         tolerate_busy(self.tick_if_new(TICK_PATIENCE).await.map(|_| ()), "tick")?;
         self.newest_tick().await
     }
+}
+
+/// Splits the last field (the key image) off each line of `COPY` text: the lines without
+/// it, their number, and the last line's key image (`COPY`'s escapes undone).
+fn strip_key_field(copy: &[u8]) -> Result<(String, u64, Option<String>)> {
+    let bad = |why: &str| Error::Database(format!("branch produced malformed COPY text: {why}"));
+    let mut out = Vec::with_capacity(copy.len());
+    let mut rows = 0u64;
+    let mut last_key = None;
+    let mut rest = copy;
+    while !rest.is_empty() {
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| bad("unterminated line"))?;
+        let line = &rest[..end];
+        rest = &rest[end + 1..];
+        let tab = line
+            .iter()
+            .rposition(|&b| b == b'\t')
+            .ok_or_else(|| bad("no key field"))?;
+        out.extend_from_slice(&line[..tab]);
+        out.push(b'\n');
+        rows += 1;
+        if rest.is_empty() {
+            last_key = Some(unescape_copy(&line[tab + 1..]).ok_or_else(|| bad("key field"))?);
+        }
+    }
+    let text = String::from_utf8(out).map_err(|_| bad("not UTF-8"))?;
+    Ok((text, rows, last_key))
+}
+
+/// One field of `COPY` text as its value (`None` for `\N` or a malformed escape).
+fn unescape_copy(field: &[u8]) -> Option<String> {
+    if field == b"\\N" {
+        return None;
+    }
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let b = field[i];
+        if b != b'\\' {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        let e = *field.get(i + 1)?;
+        out.push(match e {
+            b'b' => 8,
+            b'f' => 12,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'v' => 11,
+            b'\\' => b'\\',
+            _ => return None,
+        });
+        i += 2;
+    }
+    String::from_utf8(out).ok()
 }
 
 fn raw(s: String) -> Result<Box<RawValue>> {
@@ -194,8 +287,40 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Json<Snaps
         wire::DEFAULT_SNAPSHOT_LIMIT,
         wire::MAX_SNAPSHOT_LIMIT,
     )?;
+    let copy = match q.get("format").map(String::as_str) {
+        None | Some("json") => false,
+        Some(wire::SNAPSHOT_FORMAT_COPY) => table.name != FILES_TABLE,
+        Some(other) => {
+            return Err(Error::BadRequest(format!(
+                "format: {:?} is not json or copy",
+                other.chars().take(40).collect::<String>()
+            )))
+        }
+    };
     detached(async move {
         let meta = state.db.meta().await?;
+        if copy {
+            if let Some((rows, last_key)) = state
+                .db
+                .snapshot_copy(&table, after.as_deref(), limit)
+                .await?
+            {
+                let head = state.db.fresh_tick().await?;
+                let full = rows.rows == u64::from(limit);
+                metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(rows.rows);
+                tracing::debug!(table = %table.name, rows = rows.rows, "served snapshot page (COPY text)");
+                return Ok(SnapshotPage {
+                    protocol: wire::PROTOCOL_VERSION,
+                    location: state.config.location.clone(),
+                    instance_id: meta.instance_id,
+                    table: table.name.clone(),
+                    rows: Vec::new(),
+                    copy: Some(rows),
+                    next_after: if full { last_key.map(raw).transpose()? } else { None },
+                    head: cursor(meta.instance_id, &head),
+                });
+            }
+        }
         let rows = state
             .db
             .snapshot_page(&table, after.as_deref(), limit)
@@ -221,6 +346,7 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Json<Snaps
             instance_id: meta.instance_id,
             table: table.name.clone(),
             rows: images,
+            copy: None,
             next_after,
             head: cursor(meta.instance_id, &head),
         })
@@ -311,6 +437,18 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn copy_text_loses_its_key_field() {
+        let (text, rows, key) =
+            strip_key_field(b"1\tA\\tb\t{\"k\":1}\n2\t\\N\t{\"k\":\"x\\\\\"y\\ty\"}\n").unwrap();
+        assert_eq!(text, "1\tA\\tb\n2\t\\N\n");
+        assert_eq!(rows, 2);
+        assert_eq!(key.as_deref(), Some("{\"k\":\"x\\\"y\ty\"}"));
+        assert_eq!(strip_key_field(b"").unwrap(), (String::new(), 0, None));
+        assert!(strip_key_field(b"1\t2").is_err());
+        assert!(strip_key_field(b"12\n").is_err());
     }
 
     #[test]

@@ -172,14 +172,20 @@ impl Client {
         Ok(self.get_json("v1/snapshot/start", &[]).await?.0)
     }
 
-    /// `GET /v1/snapshot?table=..&after=..&limit=..`; also returns the body size.
+    /// `GET /v1/snapshot?table=..&after=..&limit=..[&format=copy]`; also returns the body
+    /// size. `copy`: ask for the rows as `COPY` text (a PostgreSQL branch's catalogue
+    /// tables; other pages, and older listeners, answer JSON rows).
     pub async fn snapshot_page(
         &self,
         table: &str,
         after: Option<&str>,
         limit: u32,
+        copy: bool,
     ) -> Result<(SnapshotPage, u64)> {
         let mut q = vec![("table", table.to_string()), ("limit", limit.to_string())];
+        if copy {
+            q.push(("format", schemas::wire::SNAPSHOT_FORMAT_COPY.to_string()));
+        }
         if let Some(a) = after {
             q.push(("after", a.to_string()));
         }

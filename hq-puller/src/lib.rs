@@ -22,6 +22,7 @@
 pub mod apply;
 pub mod client;
 pub mod config;
+pub mod copy_page;
 pub mod dashboard;
 pub mod error;
 pub mod files;

@@ -492,7 +492,9 @@ async fn fetch(
     after: Option<String>,
     rows: u32,
 ) -> Result<(SnapshotPage, u64)> {
-    client.snapshot_page(&table, after.as_deref(), rows).await
+    client
+        .snapshot_page(&table, after.as_deref(), rows, true)
+        .await
 }
 
 /// Loads every catalogue table (into the table `target` names for it), then the file
@@ -543,7 +545,15 @@ async fn load_pages(
     let page_rows = app.settings.snapshot_page_rows;
     let mut progress = Progress::new(&loc.id, what);
     for (ti, table) in tables.iter().enumerate().skip(first) {
-        let upsert = hq::upsert_into(table, &targets[ti]);
+        let upserts = Upserts {
+            json: hq::upsert_into(table, &targets[ti]),
+            json_insert: hq::insert_into(table, &targets[ti]),
+            copied: hq::upsert_from_load_page(table, &targets[ti]),
+            copied_insert: hq::insert_from_load_page(table, &targets[ti]),
+            create_page: hq::create_load_page(table),
+            target: targets[ti].clone(),
+            table: table.clone(),
+        };
         let mut after = if ti == first {
             row.last_key.clone()
         } else {
@@ -584,18 +594,25 @@ async fn load_pages(
                             page_rows,
                         )));
                     }
-                    let rows = page.rows.len() as u64;
-                    let json = (!page.rows.is_empty()).then(|| {
-                        crate::apply::images_json(page.rows.iter().map(|r| (r.get(), 0, false)))
-                    });
+                    let (rows, data) = match page.copy {
+                        Some(copy) => (copy.rows, Some(PageRows::Copy(copy))),
+                        None => (
+                            page.rows.len() as u64,
+                            (!page.rows.is_empty()).then(|| {
+                                PageRows::Json(crate::apply::images_json(
+                                    page.rows.iter().map(|r| (r.get(), 0, false)),
+                                ))
+                            }),
+                        ),
+                    };
                     inflight.push_back(InFlight {
                         insert: tokio::spawn(insert_page(
                             app.pool.clone(),
                             row.time_zone.clone(),
-                            upsert.clone(),
+                            upserts.clone(),
                             loc.id.clone(),
                             table.name.clone(),
-                            json,
+                            data,
                         )),
                         rows,
                         next_after,
@@ -660,6 +677,15 @@ fn check_page(page: &SnapshotPage, loc: &Location, row: &LoadRow, table: &Table)
             page.location, page.table, loc.id, table.name
         )));
     }
+    if let Some(copy) = &page.copy {
+        if !page.rows.is_empty() {
+            return Err(Error::permanent(format!(
+                "snapshot page of {} holds both JSON rows and COPY text",
+                table.name
+            )));
+        }
+        check_copy(copy, table)?;
+    }
     for r in &page.rows {
         let s = r.get().trim();
         if s.len() < 2 || !s.starts_with('{') || !s.ends_with('}') {
@@ -670,6 +696,90 @@ fn check_page(page: &SnapshotPage, loc: &Location, row: &LoadRow, table: &Table)
         }
     }
     Ok(())
+}
+
+/// A `COPY` text page must name catalogue columns of `table` (each once, the key among
+/// them) and hold no rows besides: its lines are copied by these names, so a branch
+/// whose column order differs still lands each value in its column.
+fn check_copy(copy: &schemas::wire::CopyRows, table: &Table) -> Result<()> {
+    if table.name == FILES_TABLE {
+        return Err(Error::permanent(
+            "listener answered the _files snapshot page as COPY text (only JSON rows are valid there)"
+                .to_string(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in &copy.columns {
+        if table.column(c).is_none() || !seen.insert(c.as_str()) {
+            return Err(Error::permanent(format!(
+                "snapshot page of {} in COPY text names column {:?} twice or not in the catalogue",
+                table.name,
+                c.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    if let Some(k) = table
+        .primary_key
+        .iter()
+        .find(|k| !seen.contains(k.as_str()))
+    {
+        return Err(Error::permanent(format!(
+            "snapshot page of {} in COPY text lacks key column {k}",
+            table.name
+        )));
+    }
+    Ok(())
+}
+
+/// A table's load statements: the upsert (and plain insert) of JSON images, and the
+/// temporary table and upsert (and plain insert) of a page copied in as `COPY` text.
+#[derive(Clone)]
+struct Upserts {
+    json: String,
+    json_insert: String,
+    copied: String,
+    copied_insert: String,
+    create_page: String,
+    /// The target table and its catalogue table (for [`crate::copy_page`]).
+    target: String,
+    table: Table,
+}
+
+/// Runs a page's plain insert (`insert`, half the cost of the upsert) in a savepoint;
+/// when the target already holds one of the page's keys (`unique_violation`: a page
+/// loaded again after its progress was lost, rows left by another process), rolls the
+/// savepoint back and runs the guarded upsert instead, so the outcome is the upsert's
+/// in every case.
+async fn insert_or_upsert(
+    tx: &mut sqlx::PgConnection,
+    insert: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    upsert: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query("SAVEPOINT hq_load_page")
+        .execute(&mut *tx)
+        .await?;
+    match insert.execute(&mut *tx).await {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+            sqlx::query("ROLLBACK TO SAVEPOINT hq_load_page")
+                .execute(&mut *tx)
+                .await?;
+            upsert.execute(&mut *tx).await?;
+        }
+        Err(e) => return Err(e),
+    }
+    sqlx::query("RELEASE SAVEPOINT hq_load_page")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// A page's rows as sent to HQ's database.
+enum PageRows {
+    /// The JSON array of images (with `_seq` 0, `_deleted` false) for `json_to_recordset`.
+    Json(String),
+    /// `COPY` text, copied into [`hq::LOAD_PAGE`] then upserted from there.
+    Copy(schemas::wire::CopyRows),
 }
 
 /// Pages whose rows are inserted concurrently (each in its own transaction) while the
@@ -700,11 +810,18 @@ fn abort_all(
 async fn insert_page(
     pool: PgPool,
     time_zone: String,
-    upsert: String,
+    upserts: Upserts,
     location: String,
     table: String,
-    json: Option<String>,
+    rows: Option<PageRows>,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let db_error = |e: sqlx::Error| {
+        let msg = format!("loading table {table}: {e}");
+        match crate::error::db_error_kind(&e) {
+            crate::ErrorKind::Transient => Error::transient(msg),
+            _ => Error::permanent(msg),
+        }
+    };
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('TimeZone', $1, true)")
         .bind(&time_zone)
@@ -715,19 +832,84 @@ async fn insert_page(
                 "branch time_zone {time_zone:?} is not a zone PostgreSQL knows: {e}"
             ))
         })?;
-    if let Some(json) = json {
-        sqlx::query(&upsert)
-            .bind(&json)
-            .bind(&location)
-            .execute(&mut *tx)
+    match rows {
+        None => {}
+        Some(PageRows::Json(json)) => {
+            insert_or_upsert(
+                &mut tx,
+                sqlx::query(&upserts.json_insert)
+                    .bind(&json)
+                    .bind(&location),
+                sqlx::query(&upserts.json).bind(&json).bind(&location),
+            )
             .await
-            .map_err(|e| {
-                let msg = format!("loading table {table}: {e}");
-                match crate::error::db_error_kind(&e) {
-                    crate::ErrorKind::Transient => Error::transient(msg),
-                    _ => Error::permanent(msg),
+            .map_err(db_error)?;
+        }
+        Some(PageRows::Copy(copy)) => {
+            // Straight into the target when that gives the same rows (no blob, every
+            // numeric fits); on a key already present, the checked way below.
+            if let Some(text) = crate::copy_page::direct_text(&upserts.table, &copy, &location) {
+                sqlx::query("SAVEPOINT hq_load_page")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                let mut sink = tx
+                    .copy_in_raw(&crate::copy_page::statement(&upserts.target, &copy.columns))
+                    .await
+                    .map_err(db_error)?;
+                sink.send(text.into_bytes()).await.map_err(db_error)?;
+                match sink.finish().await {
+                    Ok(copied) if copied == copy.rows => {
+                        sqlx::query("RELEASE SAVEPOINT hq_load_page")
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        return Ok(tx);
+                    }
+                    Ok(copied) => {
+                        return Err(Error::permanent(format!(
+                            "snapshot page of {table} in COPY text holds {copied} lines, the listener said {}",
+                            copy.rows
+                        )))
+                    }
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT hq_load_page")
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                    }
+                    Err(e) => return Err(db_error(e)),
                 }
-            })?;
+            }
+            sqlx::query(&upserts.create_page)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            let cols: Vec<String> = copy.columns.iter().map(|c| schemas::sql::q(c)).collect();
+            let mut sink = tx
+                .copy_in_raw(&format!(
+                    "COPY {} ({}) FROM STDIN",
+                    hq::LOAD_PAGE,
+                    cols.join(", ")
+                ))
+                .await
+                .map_err(db_error)?;
+            sink.send(copy.text.into_bytes()).await.map_err(db_error)?;
+            let copied = sink.finish().await.map_err(db_error)?;
+            if copied != copy.rows {
+                return Err(Error::permanent(format!(
+                    "snapshot page of {table} in COPY text holds {copied} lines, the listener said {}",
+                    copy.rows
+                )));
+            }
+            insert_or_upsert(
+                &mut tx,
+                sqlx::query(&upserts.copied_insert).bind(&location),
+                sqlx::query(&upserts.copied).bind(&location),
+            )
+            .await
+            .map_err(db_error)?;
+        }
     }
     Ok(tx)
 }
@@ -800,6 +982,7 @@ async fn load_files(
                 FILES_TABLE,
                 after.as_deref(),
                 app.settings.snapshot_page_rows,
+                false,
             )
             .await?;
         check_page(&page, loc, row, &files_table)?;
@@ -861,4 +1044,124 @@ async fn load_files(
         tracing::info!(location = %loc.id, kind = %row.kind, files = n_files, "files of the snapshot loaded");
     }
     Ok(Some(n_files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::wire::CopyRows;
+
+    fn statements(table: &Table) -> Upserts {
+        let target = hq::mirror_table(table);
+        Upserts {
+            json: hq::upsert_into(table, &target),
+            json_insert: hq::insert_into(table, &target),
+            copied: hq::upsert_from_load_page(table, &target),
+            copied_insert: hq::insert_from_load_page(table, &target),
+            create_page: hq::create_load_page(table),
+            target,
+            table: table.clone(),
+        }
+    }
+
+    fn copy_page(text: &str) -> PageRows {
+        PageRows::Copy(CopyRows {
+            columns: ["product_id", "sku", "unit_price", "updated_at"]
+                .map(String::from)
+                .to_vec(),
+            rows: text.lines().count() as u64,
+            text: text.into(),
+        })
+    }
+
+    /// `(product_id, sku, unit_price, updated_at in UTC, _seq)`.
+    type Loaded = (i64, Option<String>, Option<String>, String, i64);
+
+    async fn load(pool: &PgPool, table: &Table, rows: PageRows) -> Result<()> {
+        let tx = insert_page(
+            pool.clone(),
+            "Europe/Berlin".into(),
+            statements(table),
+            "b01".into(),
+            table.name.clone(),
+            Some(rows),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A COPY page lands with the upsert's conversions: exact numerics, instants, NULLs,
+    /// escapes; a numeric that does not fit is refused, not rounded; a page meeting keys
+    /// already present falls back to the guarded upsert (a newer row is kept); a line
+    /// count different from the listener's fails the page.
+    #[tokio::test]
+    async fn copy_pages_insert_with_the_upserts_checks() {
+        let url = ::tests::pg::fresh_database("hqp_copy").await.unwrap();
+        let pool = PgPool::connect(&url).await.unwrap();
+        schemas::migrations::MIGRATOR.run(&pool).await.unwrap();
+        let cat = schemas::Catalogue::product_management();
+        for s in hq::create_mirror_tables(&cat) {
+            sqlx::query(&s).execute(&pool).await.unwrap();
+        }
+        let t = cat.table("products").unwrap();
+        load(
+            &pool,
+            t,
+            copy_page(
+                "1\tA\\tB\\\\c\t19.90\t2026-03-29 02:30:00+02\n2\t\\N\t\\N\t2026-01-01 00:00:00\n",
+            ),
+        )
+        .await
+        .unwrap();
+        let rows: Vec<Loaded> = sqlx::query_as(
+            "SELECT product_id, sku, unit_price::text, to_char(updated_at AT TIME ZONE 'UTC', \
+             'YYYY-MM-DD HH24:MI'), _seq FROM hq.products ORDER BY product_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    1,
+                    Some("A\tB\\c".into()),
+                    Some("19.90".into()),
+                    "2026-03-29 00:30".into(),
+                    0
+                ),
+                // Zone-less: read in the branch's zone.
+                (2, None, None, "2025-12-31 23:00".into(), 0),
+            ]
+        );
+
+        let e = load(&pool, t, copy_page("3\tx\t1.505\t\\N\n"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not fit numeric(12,2)"), "{e}");
+
+        // Key 1 exists with a streamed change (seq 5): the page's row loses; key 4 is new.
+        sqlx::query("UPDATE hq.products SET sku = 'streamed', _seq = 5 WHERE product_id = 1")
+            .execute(&pool)
+            .await
+            .unwrap();
+        load(&pool, t, copy_page("1\told\t1\t\\N\n4\tnew\t2\t\\N\n"))
+            .await
+            .unwrap();
+        let skus: Vec<String> =
+            sqlx::query_scalar("SELECT sku FROM hq.products WHERE sku IS NOT NULL ORDER BY 1")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(skus, vec!["new", "streamed"]);
+
+        let mut short = copy_page("5\ty\t1\t\\N\n");
+        if let PageRows::Copy(c) = &mut short {
+            c.rows = 2;
+        }
+        let e = load(&pool, t, short).await.unwrap_err().to_string();
+        assert!(e.contains("holds 1 lines, the listener said 2"), "{e}");
+    }
 }

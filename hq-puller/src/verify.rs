@@ -16,6 +16,7 @@ use crate::config::Location;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::App;
+use futures::StreamExt;
 use schemas::canonical::{canonical_row, CanonicalRow, RowHasher, Zone};
 use schemas::catalogue::Table;
 use schemas::files::FILES_TABLE;
@@ -231,7 +232,7 @@ async fn branch_rows(
     let mut after = range.lower.clone();
     loop {
         let (p, _) = client
-            .snapshot_page(&table.name, after.as_deref(), page)
+            .snapshot_page(&table.name, after.as_deref(), page, false)
             .await?;
         let head = p.head;
         let mut past_upper = false;
@@ -343,10 +344,26 @@ async fn verify_table(
     let mut time_zone: String;
     let per_request =
         (schemas::wire::MAX_CHECKSUM_ROWS / u64::from(opts.chunk_rows.max(1))).clamp(1, 20) as u32;
+    // The next checksum request runs while HQ computes the current one's chunks.
+    let request = |after: Option<String>| {
+        let (client, name, chunk) = (client.clone(), table.name.clone(), opts.chunk_rows);
+        tokio::spawn(async move {
+            client
+                .checksums(&name, after.as_deref(), chunk, per_request)
+                .await
+        })
+    };
+    let mut next = Some(request(None));
     loop {
-        let resp = client
-            .checksums(&table.name, after.as_deref(), opts.chunk_rows, per_request)
-            .await?;
+        let resp = next
+            .take()
+            .expect("a request while more chunks")
+            .await
+            .map_err(|e| Error::Other(format!("checksum request task: {e}")))??;
+        if resp.more {
+            let last = resp.chunks.last().map(|c| c.last_key.get().to_string());
+            next = Some(request(last.or_else(|| after.clone())));
+        }
         zone = Zone::parse(&resp.time_zone).ok_or_else(|| {
             Error::permanent(format!(
                 "branch time_zone {:?} is not an IANA zone",
@@ -355,12 +372,26 @@ async fn verify_table(
         })?;
         time_zone = resp.time_zone.clone();
         head = Some(resp.head);
-        for c in &resp.chunks {
-            let range = Range {
-                lower: after.clone(),
-                upper: Some(c.last_key.get().to_string()),
-            };
-            let rows = hq_rows(app, &loc.id, table, &range, zone, &time_zone).await?;
+        let ranges: Vec<Range> = resp
+            .chunks
+            .iter()
+            .scan(after.clone(), |lower, c| {
+                let upper = c.last_key.get().to_string();
+                let r = Range {
+                    lower: lower.replace(upper.clone()),
+                    upper: Some(upper),
+                };
+                Some(r)
+            })
+            .collect();
+        // Two HQ ranges at a time: one is read by PostgreSQL while the other is hashed.
+        let tz = time_zone.as_str();
+        let mut hq_chunks = futures::stream::iter(ranges.iter())
+            .map(|range| hq_rows(app, &loc.id, table, range, zone, tz))
+            .buffered(2);
+        for (c, range) in resp.chunks.iter().zip(&ranges) {
+            let rows = hq_chunks.next().await.expect("one HQ range per chunk")?;
+            let range = range.clone();
             res.chunks += 1;
             res.branch_rows += c.rows;
             res.hq_rows += rows.len() as u64;

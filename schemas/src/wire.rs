@@ -190,14 +190,38 @@ pub struct SnapshotPage {
     pub location: String,
     pub instance_id: Uuid,
     pub table: String,
-    /// Row images (same JSON as the capture triggers produce).
+    /// Row images (same JSON as the capture triggers produce). Empty when the rows come
+    /// as [`SnapshotPage::copy`].
     pub rows: Vec<Box<RawValue>>,
+    /// The rows as PostgreSQL `COPY` text instead of JSON images: only when the request
+    /// asked for `format=copy`, the branch is PostgreSQL and the table is a catalogue
+    /// table (never `_files`). Absent otherwise (an older listener ignores `format` and
+    /// answers JSON rows, which HQ still loads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyRows>,
     /// Key image of the last row: `after` of the next page; `None` when this page ended
     /// the table.
     pub next_after: Option<Box<RawValue>>,
     /// The newest tick after the page was read: once HQ's cursor reaches it, HQ has
     /// applied every change the page saw (verify waits for it before reporting).
     pub head: Cursor,
+}
+
+/// `format` value of `/v1/snapshot` asking for [`CopyRows`].
+pub const SNAPSHOT_FORMAT_COPY: &str = "copy";
+
+/// A snapshot page's rows in PostgreSQL's `COPY ... TO STDOUT` text format: one line per
+/// row, fields separated by tabs, `\N` for NULL, backslash escapes. The values are those
+/// of the row image: numerics and reals as PostgreSQL prints them (`-0` as `0`),
+/// timestamps in ISO style with their UTC offset, booleans `t`/`f`, blobs as lowercase
+/// hex (as in the JSON image), text as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyRows {
+    /// The columns of each line, in order (catalogue column names).
+    pub columns: Vec<String>,
+    /// Number of lines.
+    pub rows: u64,
+    pub text: String,
 }
 
 /// One chunk of `/v1/checksums`: the rows of the key range (previous chunk's last key,

@@ -290,6 +290,7 @@ mod tests {
             instance_id: uuid::Uuid::nil(),
             table: "_files".into(),
             rows: vec![serde_json::value::RawValue::from_string(row.into()).unwrap()],
+            copy: None,
             next_after: None,
             head: "00000000-0000-0000-0000-000000000000:1:00000000-0000-0000-0000-000000000000"
                 .parse()

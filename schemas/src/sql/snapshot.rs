@@ -1,9 +1,11 @@
 //! SQL of the snapshot (initial load, resync) and of verify: pages of row images in
 //! primary-key order, keyset-paginated.
 //!
-//! A page statement returns `(row image, key image)` as JSON text, the row image built by
-//! the same expressions as the capture triggers, so HQ applies snapshot rows with the
-//! ordinary upsert. `after` is the key image of the last row of the previous page (a JSON
+//! A page statement returns `(row image, key image)` as JSON text, the row image holding
+//! the same values as the capture triggers' (SQLite: the same expressions; PostgreSQL:
+//! `row_to_json` of a sub-select, equal as `jsonb` to the trigger's `jsonb_build_object`
+//! and several times cheaper, see [`postgres::json_row`]), so HQ applies snapshot rows
+//! with the ordinary upsert. `after` is the key image of the last row of the previous page (a JSON
 //! object of the key columns, as returned); pages are ordered by the key columns, text
 //! keys in byte order (`COLLATE "C"` on PostgreSQL, SQLite's default `BINARY`), so that
 //! both engines and HQ agree on the order of key ranges.
@@ -121,9 +123,51 @@ pub fn postgres_page_from(table: &Table, from: &str, with_after: bool) -> String
     };
     format!(
         "SELECT ({row})::text, ({pk})::text FROM {tbl} AS t {filter} ORDER BY {order} LIMIT $2",
-        row = postgres::jsonb_object("t", table, &all),
-        pk = postgres::jsonb_object("t", table, &ks),
+        row = postgres::json_row("t", table, &all),
+        pk = postgres::json_row("t", table, &ks),
         tbl = from,
+        order = pg_order("t", table),
+    )
+}
+
+/// A string literal that reads the same whatever `standard_conforming_strings` says.
+fn pg_e_lit(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// A page of a PostgreSQL branch table as `COPY (...) TO STDOUT` text (the `format=copy`
+/// page, [`crate::wire::CopyRows`]): the catalogue columns in catalogue order with the
+/// values of the row image (blobs as hex, reals with `-0` as `0` like `to_jsonb`), then
+/// the key image (JSON, as [`postgres_page`] returns it) as a last field, which the
+/// listener strips. `COPY` takes no parameters: `after` (a JSON object already checked)
+/// and `limit` are inlined, `after` as an escaped literal.
+pub fn postgres_copy_page(table: &Table, after: Option<&str>, limit: u32) -> String {
+    let ks: Vec<&str> = table.primary_key.iter().map(String::as_str).collect();
+    let cols: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| {
+            let v = format!("t.{}", q(&c.name));
+            match c.ty {
+                ColumnType::Blob => format!("encode({v}, 'hex')"),
+                ColumnType::Real => format!("CASE WHEN {v} = 0 THEN 0::float8 ELSE {v} END"),
+                _ => v,
+            }
+        })
+        .collect();
+    let filter = match after {
+        Some(a) => format!(
+            "WHERE {} > {}",
+            pg_key_tuple("t", table),
+            pg_param_tuple(&pg_e_lit(a), table)
+        ),
+        None => String::new(),
+    };
+    format!(
+        "COPY (SELECT {cols}, ({pk})::text FROM {tbl} AS t {filter} ORDER BY {order} LIMIT {limit}) TO STDOUT",
+        cols = cols.join(", "),
+        pk = postgres::json_row("t", table, &ks),
+        tbl = q(&table.name),
         order = pg_order("t", table),
     )
 }
@@ -155,8 +199,8 @@ pub fn hq_range(table: &Table, target: &str, lower: bool, upper: bool) -> String
     }
     format!(
         "SELECT ({row})::text, ({pk})::text FROM {target} AS t WHERE {filter} ORDER BY {order} LIMIT $4",
-        row = postgres::jsonb_object("t", table, &all),
-        pk = postgres::jsonb_object("t", table, &ks),
+        row = postgres::json_row("t", table, &all),
+        pk = postgres::json_row("t", table, &ks),
         order = pg_order("t", table),
     )
 }
@@ -246,6 +290,17 @@ mod tests {
             ],
             file_column: None,
         };
+        let c = postgres_copy_page(t, Some(r#"{"product_id":7}"#), 5);
+        assert!(c.starts_with("COPY (SELECT t.\"product_id\", "), "{c}");
+        assert!(
+            c.contains("> (CAST((E'{\"product_id\":7}'::jsonb ->> 'product_id') AS bigint))"),
+            "{c}"
+        );
+        assert!(
+            c.ends_with("ORDER BY t.\"product_id\" LIMIT 5) TO STDOUT"),
+            "{c}"
+        );
+        assert_eq!(pg_e_lit(r"a'b\c"), r"E'a''b\\c'");
         let p = postgres_page(&text_key, true);
         assert!(
             p.contains("ORDER BY (t.\"a\" COLLATE \"C\"), t.\"b\""),
