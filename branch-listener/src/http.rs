@@ -75,16 +75,12 @@ pub fn app(state: AppState) -> Router {
                 .quality(CompressionLevel::Fastest),
         )
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT));
-    crate::limits::wrap(router, &state.config).with_state(state)
+    let tokens = state.tokens.clone();
+    crate::limits::wrap(router, &state.config, tokens).with_state(state)
 }
 
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let presented = crate::limits::bearer(&req);
     if presented.is_empty() || !state.tokens.accepts(presented) {
         return Error::Unauthorized.into_response();
     }

@@ -1,5 +1,6 @@
 //! Request limits of the listener, outermost first: a token bucket per client IP address
-//! (`rate_limit_per_second`, `rate_limit_burst`: 429 `rate_limited` with `Retry-After`),
+//! (`rate_limit_per_second`, `rate_limit_burst`: 429 `rate_limited` with `Retry-After`;
+//! file content requests carrying a valid token are not charged, see [`exempt`]),
 //! a cap on the request head (431 above [`MAX_HEADER_BYTES`]), and a cap on requests
 //! served at once (`max_concurrent_requests`: further requests wait up to
 //! [`QUEUE_WAIT`], then 503). The request time limit, the body limit and GET-only
@@ -13,6 +14,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use schemas::secret::Tokens;
 use schemas::wire::{error_code, ErrorBody, ErrorDetail};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -124,11 +126,41 @@ impl RateLimiter {
 struct Limits {
     rate: Arc<RateLimiter>,
     slots: Arc<Semaphore>,
+    tokens: Tokens,
 }
 
-/// Wraps the router in the limits of `config`.
-pub fn wrap<S: Clone + Send + Sync + 'static>(router: Router<S>, config: &Config) -> Router<S> {
+/// The bearer token a request presents (empty when none).
+pub fn bearer(req: &Request) -> &str {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+/// Whether a request is exempt from the per-client request rate: a file content
+/// request (`/v1/files/...`) presenting a valid token. HQ fetches each file of a batch
+/// with its own request (thousands for a folder of images), so charging them would
+/// hold file replication to `rate_limit_per_second` files per second. They stay bounded
+/// by `max_concurrent_requests`; a request without a valid token (guessing tokens, or
+/// any other endpoint) is charged as before.
+fn exempt(req: &Request, tokens: &Tokens) -> bool {
+    if !req.uri().path().starts_with("/v1/files/") {
+        return false;
+    }
+    let presented = bearer(req);
+    !presented.is_empty() && tokens.accepts(presented)
+}
+
+/// Wraps the router in the limits of `config`; `tokens` tell which file requests are
+/// exempt from the rate limit.
+pub fn wrap<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    config: &Config,
+    tokens: Tokens,
+) -> Router<S> {
     let limits = Limits {
+        tokens,
         rate: Arc::new(RateLimiter::new(
             config.rate_limit_per_second,
             config.rate_limit_burst,
@@ -153,6 +185,9 @@ fn refused(status: StatusCode, code: &str, message: String, reason: &'static str
 }
 
 async fn rate(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    if exempt(&req, &limits.tokens) {
+        return next.run(req).await;
+    }
     // Without connection info (a router driven in-process), all requests share a bucket.
     let ip = req
         .extensions()
