@@ -42,6 +42,27 @@ enum Attempt {
 /// (one write per 512 KiB; a typical image is one write).
 const WRITE_BUFFER: usize = 512 * 1024;
 
+/// Write-behind for large files: every [`WRITE_BEHIND`] bytes written, an `fdatasync`
+/// of the file starts in the background (one at a time), so the disk writes while the
+/// network delivers and the final fsync waits only for the tail instead of the whole
+/// file. The final `sync_all` stays the durability point; a background sync's error
+/// fails the attempt like the final one's (the kernel reports a writeback error once
+/// per open file, so it must not be dropped).
+const WRITE_BEHIND: u64 = 8 * 1024 * 1024;
+
+/// The background sync of [`WRITE_BEHIND`], if one was started.
+type Behind = Option<tokio::task::JoinHandle<std::io::Result<()>>>;
+
+/// Waits for the background sync, if any; its error is the file's.
+async fn join_behind(behind: &mut Behind) -> std::io::Result<()> {
+    match behind.take() {
+        None => Ok(()),
+        Some(h) => h
+            .await
+            .map_err(|e| std::io::Error::other(format!("background sync task: {e}")))?,
+    }
+}
+
 /// 429 answers waited out per content before the batch fails (and backs off).
 const THROTTLED_WAITS: usize = 120;
 
@@ -257,6 +278,9 @@ async fn attempt_once(
     let mut resp = resp;
     let mut total = have;
     let mut written = 0u64;
+    // Write-behind: offset up to which a background sync was started, and that sync.
+    let mut mark = total;
+    let mut behind: Behind = None;
     let outcome = loop {
         let chunk = match tokio::time::timeout(timeout, resp.chunk()).await {
             Err(_) => break Some(Attempt::Cut("no data within the request timeout".into())),
@@ -275,8 +299,24 @@ async fn attempt_once(
             .await
             .map_err(|e| io_err("writing", part, e))?;
         written += chunk.len() as u64;
+        if total - mark >= WRITE_BEHIND && behind.as_ref().is_none_or(|h| h.is_finished()) {
+            join_behind(&mut behind)
+                .await
+                .map_err(|e| io_err("syncing", part, e))?;
+            file.flush().await.map_err(|e| io_err("writing", part, e))?;
+            let clone = file
+                .get_ref()
+                .try_clone()
+                .await
+                .map_err(|e| io_err("opening", part, e))?;
+            behind = Some(tokio::spawn(async move { clone.sync_data().await }));
+            mark = total;
+        }
     };
     file.flush().await.map_err(|e| io_err("writing", part, e))?;
+    join_behind(&mut behind)
+        .await
+        .map_err(|e| io_err("syncing", part, e))?;
     metrics::counter!(m::FILES_DOWNLOADED_BYTES, "location" => location.to_string())
         .increment(written);
     if let Some(a) = outcome {
