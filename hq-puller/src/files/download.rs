@@ -13,7 +13,6 @@ use crate::metrics as m;
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 use std::path::Path;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Download attempts (cuts and mismatches) per content and batch.
 pub const ATTEMPTS: usize = 4;
@@ -37,9 +36,8 @@ enum Attempt {
     Throttled(std::time::Duration),
 }
 
-/// Write buffer per download: the network delivers chunks of a few KiB; writing each
-/// through `tokio::fs` costs a blocking-pool round trip, so they are gathered first
-/// (one write per 512 KiB; a typical image is one write).
+/// Write buffer of a download's writer thread: the network delivers chunks of a few
+/// KiB; they are gathered into one write per 512 KiB (a typical image is one write).
 const WRITE_BUFFER: usize = 512 * 1024;
 
 /// Write-behind for large files: every [`WRITE_BEHIND`] bytes written, an `fdatasync`
@@ -50,17 +48,76 @@ const WRITE_BUFFER: usize = 512 * 1024;
 /// per open file, so it must not be dropped).
 const WRITE_BEHIND: u64 = 8 * 1024 * 1024;
 
+/// Chunks queued between the network and a download's writer thread (bounded memory:
+/// a few hundred KiB per download at most).
+const WRITER_QUEUE: usize = 8;
+
 /// The background sync of [`WRITE_BEHIND`], if one was started.
-type Behind = Option<tokio::task::JoinHandle<std::io::Result<()>>>;
+type Behind = Option<std::thread::JoinHandle<std::io::Result<()>>>;
 
 /// Waits for the background sync, if any; its error is the file's.
-async fn join_behind(behind: &mut Behind) -> std::io::Result<()> {
+fn join_behind(behind: &mut Behind) -> std::io::Result<()> {
     match behind.take() {
         None => Ok(()),
         Some(h) => h
-            .await
-            .map_err(|e| std::io::Error::other(format!("background sync task: {e}")))?,
+            .join()
+            .map_err(|_| std::io::Error::other("background sync thread panicked"))?,
     }
+}
+
+/// The blocking half of one download attempt (one thread per download, so a file costs
+/// no round trips between the runtime and the blocking pool per write): opens `part`
+/// (appending after the bytes already there when `resume`, which are hashed first),
+/// then hashes and writes every chunk received until the channel closes, with
+/// write-behind, and fsyncs the file. Returns the hash state and the file's length.
+fn write_part<B: AsRef<[u8]>>(
+    part: &Path,
+    resume: bool,
+    mut rx: tokio::sync::mpsc::Receiver<B>,
+) -> std::io::Result<(Sha256, u64)> {
+    use std::io::{Read, Write};
+    let mut hasher = Sha256::new();
+    let (file, mut total) = if resume {
+        let mut f = std::fs::File::open(part)?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0u64;
+        loop {
+            let k = f.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            hasher.update(&buf[..k]);
+            n += k as u64;
+        }
+        (std::fs::OpenOptions::new().append(true).open(part)?, n)
+    } else {
+        (std::fs::File::create(part)?, 0)
+    };
+    let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    let mut mark = total;
+    let mut behind: Behind = None;
+    let r = (|| {
+        while let Some(chunk) = rx.blocking_recv() {
+            let chunk = chunk.as_ref();
+            hasher.update(chunk);
+            out.write_all(chunk)?;
+            total += chunk.len() as u64;
+            if total - mark >= WRITE_BEHIND && behind.as_ref().is_none_or(|h| h.is_finished()) {
+                join_behind(&mut behind)?;
+                out.flush()?;
+                let clone = out.get_ref().try_clone()?;
+                behind = Some(std::thread::spawn(move || clone.sync_data()));
+                mark = total;
+            }
+        }
+        out.flush()
+    })();
+    // Always joined: its error must not be lost.
+    let synced = join_behind(&mut behind);
+    r?;
+    synced?;
+    out.get_ref().sync_all()?;
+    Ok((hasher, total))
 }
 
 /// 429 answers waited out per content before the batch fails (and backs off).
@@ -89,21 +146,6 @@ pub fn create_dirs(dir: &Path) -> Result<()> {
             dir.display()
         ))),
         r => r.map_err(|e| io_err("creating", dir, e)),
-    }
-}
-
-/// Hashes the first bytes already downloaded (resume).
-async fn hash_prefix(path: &Path, h: &mut Sha256) -> std::io::Result<u64> {
-    let mut f = tokio::fs::File::open(path).await?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf).await?;
-        if k == 0 {
-            return Ok(n);
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
     }
 }
 
@@ -251,7 +293,6 @@ async fn attempt_once(
             other => other,
         });
     }
-    let mut hasher = Sha256::new();
     let resumed = status == StatusCode::PARTIAL_CONTENT
         && have > 0
         && resp
@@ -259,28 +300,15 @@ async fn attempt_once(
             .get(reqwest::header::CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with(&format!("bytes {have}-")));
-    let file = if resumed {
-        have = hash_prefix(part, &mut hasher)
-            .await
-            .map_err(|e| io_err("reading", part, e))?;
-        tokio::fs::OpenOptions::new()
-            .append(true)
-            .open(part)
-            .await
-            .map_err(|e| io_err("opening", part, e))?
-    } else {
+    if !resumed {
         have = 0;
-        tokio::fs::File::create(part)
-            .await
-            .map_err(|e| io_err("creating", part, e))?
-    };
-    let mut file = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(WRITER_QUEUE);
+    let owned = part.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || write_part(&owned, resumed, rx));
     let mut resp = resp;
     let mut total = have;
     let mut written = 0u64;
-    // Write-behind: offset up to which a background sync was started, and that sync.
-    let mut mark = total;
-    let mut behind: Behind = None;
     let outcome = loop {
         let chunk = match tokio::time::timeout(timeout, resp.chunk()).await {
             Err(_) => break Some(Attempt::Cut("no data within the request timeout".into())),
@@ -294,40 +322,27 @@ async fn attempt_once(
                 "more than the announced {size} bytes"
             )));
         }
-        hasher.update(&chunk);
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| io_err("writing", part, e))?;
-        written += chunk.len() as u64;
-        if total - mark >= WRITE_BEHIND && behind.as_ref().is_none_or(|h| h.is_finished()) {
-            join_behind(&mut behind)
-                .await
-                .map_err(|e| io_err("syncing", part, e))?;
-            file.flush().await.map_err(|e| io_err("writing", part, e))?;
-            let clone = file
-                .get_ref()
-                .try_clone()
-                .await
-                .map_err(|e| io_err("opening", part, e))?;
-            behind = Some(tokio::spawn(async move { clone.sync_data().await }));
-            mark = total;
+        let n = chunk.len() as u64;
+        if tx.send(chunk).await.is_err() {
+            // The writer stopped: its error is reported below.
+            break None;
         }
+        written += n;
     };
-    file.flush().await.map_err(|e| io_err("writing", part, e))?;
-    join_behind(&mut behind)
+    drop(tx);
+    // What was received is on disk (and synced) before a cut is resumed.
+    let (hasher, on_disk) = writer
         .await
-        .map_err(|e| io_err("syncing", part, e))?;
+        .map_err(|e| Error::Other(format!("file writer task: {e}")))?
+        .map_err(|e| io_err("writing", part, e))?;
     metrics::counter!(m::FILES_DOWNLOADED_BYTES, "location" => location.to_string())
         .increment(written);
     if let Some(a) = outcome {
-        if matches!(a, Attempt::Cut(_)) {
-            let _ = file.get_ref().sync_data().await;
-        }
         return Ok(Err(a));
     }
-    if total != size {
+    if on_disk != size {
         return Ok(Err(Attempt::Mismatch(format!(
-            "size {total} bytes, the event says {size}"
+            "size {on_disk} bytes, the event says {size}"
         ))));
     }
     let got = hex::encode(hasher.finalize());
@@ -336,9 +351,5 @@ async fn attempt_once(
             "sha256 {got}, expected {sha256}"
         ))));
     }
-    file.get_ref()
-        .sync_all()
-        .await
-        .map_err(|e| io_err("syncing", part, e))?;
-    Ok(Ok(Some(total)))
+    Ok(Ok(Some(on_disk)))
 }
