@@ -353,3 +353,44 @@ async fn attempt_once(
     }
     Ok(Ok(Some(on_disk)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `data` in 64 KiB chunks to a writer of `part`; returns its result.
+    fn write(part: &Path, resume: bool, data: &[u8]) -> (String, u64) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITER_QUEUE);
+        let owned = part.to_path_buf();
+        let writer = std::thread::spawn(move || write_part(&owned, resume, rx));
+        for c in data.chunks(64 * 1024) {
+            tx.blocking_send(c.to_vec()).unwrap();
+        }
+        drop(tx);
+        let (h, n) = writer.join().unwrap().unwrap();
+        (hex::encode(h.finalize()), n)
+    }
+
+    #[test]
+    fn writer_hashes_writes_and_resumes_across_write_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let part = d.path().join("x.part");
+        // Larger than a few WRITE_BEHIND steps, not a multiple of the chunk size.
+        let data: Vec<u8> = (0..(3 * WRITE_BEHIND as usize + 12_345))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let whole = hex::encode(Sha256::digest(&data));
+        assert_eq!(
+            write(&part, false, &data),
+            (whole.clone(), data.len() as u64)
+        );
+        assert_eq!(std::fs::read(&part).unwrap(), data);
+        // A cut after 10 MiB + 7 bytes: the resumed attempt hashes the prefix on disk.
+        let cut = 10 * 1024 * 1024 + 7;
+        std::fs::write(&part, &data[..cut]).unwrap();
+        assert_eq!(write(&part, true, &data[cut..]), (whole, data.len() as u64));
+        assert_eq!(std::fs::read(&part).unwrap(), data);
+        // Not resumed: the part file starts over.
+        assert_eq!(write(&part, false, b"abc").1, 3);
+    }
+}
