@@ -156,6 +156,17 @@ fn generate(src: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(usi
     Ok((images, bytes))
 }
 
+/// A child process killed when dropped, so a failing step (a `?` or `bail!`) leaves
+/// no listener or rsync daemon behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Run {
     index_s: f64,
     ours_s: f64,
@@ -245,13 +256,15 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
     if !st.success() {
         bail!("branch-listener install failed");
     }
-    let mut listener: Child = Command::new(bins.join("branch-listener"))
-        .args(["serve", "--config"])
-        .arg(&bcfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let listener = KillOnDrop(
+        Command::new(bins.join("branch-listener"))
+            .args(["serve", "--config"])
+            .arg(&bcfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
     wait_port(port)?;
     let hq_url = tests::pg::fresh_database("benchfiles").await?;
     let hq_dir = work.join("hq");
@@ -310,9 +323,8 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
         .arg(&hcfg)
         .env("RUST_LOG", "warn");
     let (ours_s, hq_rss, _) = timed(cmd, None)?;
-    let listener_rss = vm_hwm(listener.id()).unwrap_or(0);
-    let _ = listener.kill();
-    let _ = listener.wait();
+    let listener_rss = vm_hwm(listener.0.id()).unwrap_or(0);
+    drop(listener);
     let got = count_files(&hq_dir.join("b01"));
     if got != (n, bytes) {
         bail!("HQ holds {got:?} (files, bytes), expected {:?}", (n, bytes));
@@ -344,14 +356,16 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
             src.display()
         ),
     )?;
-    let mut daemon = Command::new("rsync")
-        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-        .arg(format!("--port={rport}"))
-        .arg(format!("--config={}", conf.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting rsync --daemon (apt-get install rsync)")?;
+    let daemon = KillOnDrop(
+        Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+            .arg(format!("--port={rport}"))
+            .arg(format!("--config={}", conf.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting rsync --daemon (apt-get install rsync)")?,
+    );
     wait_port(rport)?;
     let dst = work.join("rsync-dst");
     // Nothing of our run (the removed HQ folder) is left for rsync's clock to flush.
@@ -360,10 +374,9 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
     cmd.arg("-a")
         .arg(format!("rsync://127.0.0.1:{rport}/src/"))
         .arg(format!("{}/", dst.display()));
-    let (rsync_s, rsync_client_rss, rsync_daemon_rss) = timed(cmd, Some(daemon.id()))?;
+    let (rsync_s, rsync_client_rss, rsync_daemon_rss) = timed(cmd, Some(daemon.0.id()))?;
     let rsync_durable_s = rsync_s + sync_fs(&dst)?;
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     if count_files(&dst) != (n, bytes) {
         bail!("rsync copied {:?}", count_files(&dst));
     }
