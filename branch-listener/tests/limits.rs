@@ -81,6 +81,23 @@ async fn read_only_endpoints_and_request_limits() -> Result<()> {
     )
     .await?;
     let base = b.url();
+    // File content requests with a valid token are not charged (HQ fetches every file
+    // with its own request): 30 of them leave the bucket full.
+    let sha = "0".repeat(64);
+    for _ in 0..30 {
+        let r = client
+            .get(format!("{base}/v1/files/{sha}"))
+            .bearer_auth(b.token())
+            .send()
+            .await?;
+        assert_ne!(
+            r.status().as_u16(),
+            429,
+            "a file request with a valid token was rate-limited"
+        );
+    }
+    let r = client.get(format!("{base}/healthz")).send().await?;
+    assert_eq!(r.status().as_u16(), 200, "file requests drained the bucket");
     let mut limited = None;
     for _ in 0..50 {
         let r = client.get(format!("{base}/healthz")).send().await?;
@@ -90,6 +107,13 @@ async fn read_only_endpoints_and_request_limits() -> Result<()> {
         }
     }
     let r = limited.expect("50 rapid requests never hit the rate limit");
+    // Without a valid token a file request is charged like any other (guessing tokens).
+    let unauthenticated = client
+        .get(format!("{base}/v1/files/{sha}"))
+        .bearer_auth("wrong-token-4f1c0a9e7d2b")
+        .send()
+        .await?;
+    assert_eq!(unauthenticated.status().as_u16(), 429);
     assert!(r.headers().get("retry-after").is_some());
     let body: schemas::wire::ErrorBody = r.json().await?;
     assert_eq!(body.error.code, "rate_limited");

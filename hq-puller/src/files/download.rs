@@ -13,7 +13,6 @@ use crate::metrics as m;
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 use std::path::Path;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Download attempts (cuts and mismatches) per content and batch.
 pub const ATTEMPTS: usize = 4;
@@ -35,6 +34,90 @@ enum Attempt {
     Mismatch(String),
     /// 429: the listener's rate limit; wait this long and ask again (not an attempt).
     Throttled(std::time::Duration),
+}
+
+/// Write buffer of a download's writer thread: the network delivers chunks of a few
+/// KiB; they are gathered into one write per 512 KiB (a typical image is one write).
+const WRITE_BUFFER: usize = 512 * 1024;
+
+/// Write-behind for large files: every [`WRITE_BEHIND`] bytes written, an `fdatasync`
+/// of the file starts in the background (one at a time), so the disk writes while the
+/// network delivers and the final fsync waits only for the tail instead of the whole
+/// file. The final `sync_all` stays the durability point; a background sync's error
+/// fails the attempt like the final one's (the kernel reports a writeback error once
+/// per open file, so it must not be dropped).
+const WRITE_BEHIND: u64 = 8 * 1024 * 1024;
+
+/// Chunks queued between the network and a download's writer thread (bounded memory:
+/// a few hundred KiB per download at most).
+const WRITER_QUEUE: usize = 8;
+
+/// The background sync of [`WRITE_BEHIND`], if one was started.
+type Behind = Option<std::thread::JoinHandle<std::io::Result<()>>>;
+
+/// Waits for the background sync, if any; its error is the file's.
+fn join_behind(behind: &mut Behind) -> std::io::Result<()> {
+    match behind.take() {
+        None => Ok(()),
+        Some(h) => h
+            .join()
+            .map_err(|_| std::io::Error::other("background sync thread panicked"))?,
+    }
+}
+
+/// The blocking half of one download attempt (one thread per download, so a file costs
+/// no round trips between the runtime and the blocking pool per write): opens `part`
+/// (appending after the bytes already there when `resume`, which are hashed first),
+/// then hashes and writes every chunk received until the channel closes, with
+/// write-behind, and fsyncs the file. Returns the hash state and the file's length.
+fn write_part<B: AsRef<[u8]>>(
+    part: &Path,
+    resume: bool,
+    mut rx: tokio::sync::mpsc::Receiver<B>,
+) -> std::io::Result<(Sha256, u64)> {
+    use std::io::{Read, Write};
+    let mut hasher = Sha256::new();
+    let (file, mut total) = if resume {
+        let mut f = std::fs::File::open(part)?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0u64;
+        loop {
+            let k = f.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            hasher.update(&buf[..k]);
+            n += k as u64;
+        }
+        (std::fs::OpenOptions::new().append(true).open(part)?, n)
+    } else {
+        (std::fs::File::create(part)?, 0)
+    };
+    let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    let mut mark = total;
+    let mut behind: Behind = None;
+    let r = (|| {
+        while let Some(chunk) = rx.blocking_recv() {
+            let chunk = chunk.as_ref();
+            hasher.update(chunk);
+            out.write_all(chunk)?;
+            total += chunk.len() as u64;
+            if total - mark >= WRITE_BEHIND && behind.as_ref().is_none_or(|h| h.is_finished()) {
+                join_behind(&mut behind)?;
+                out.flush()?;
+                let clone = out.get_ref().try_clone()?;
+                behind = Some(std::thread::spawn(move || clone.sync_data()));
+                mark = total;
+            }
+        }
+        out.flush()
+    })();
+    // Always joined: its error must not be lost.
+    let synced = join_behind(&mut behind);
+    r?;
+    synced?;
+    out.get_ref().sync_all()?;
+    Ok((hasher, total))
 }
 
 /// 429 answers waited out per content before the batch fails (and backs off).
@@ -63,21 +146,6 @@ pub fn create_dirs(dir: &Path) -> Result<()> {
             dir.display()
         ))),
         r => r.map_err(|e| io_err("creating", dir, e)),
-    }
-}
-
-/// Hashes the first bytes already downloaded (resume).
-async fn hash_prefix(path: &Path, h: &mut Sha256) -> std::io::Result<u64> {
-    let mut f = tokio::fs::File::open(path).await?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf).await?;
-        if k == 0 {
-            return Ok(n);
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
     }
 }
 
@@ -225,7 +293,6 @@ async fn attempt_once(
             other => other,
         });
     }
-    let mut hasher = Sha256::new();
     let resumed = status == StatusCode::PARTIAL_CONTENT
         && have > 0
         && resp
@@ -233,21 +300,12 @@ async fn attempt_once(
             .get(reqwest::header::CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with(&format!("bytes {have}-")));
-    let mut file = if resumed {
-        have = hash_prefix(part, &mut hasher)
-            .await
-            .map_err(|e| io_err("reading", part, e))?;
-        tokio::fs::OpenOptions::new()
-            .append(true)
-            .open(part)
-            .await
-            .map_err(|e| io_err("opening", part, e))?
-    } else {
+    if !resumed {
         have = 0;
-        tokio::fs::File::create(part)
-            .await
-            .map_err(|e| io_err("creating", part, e))?
-    };
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(WRITER_QUEUE);
+    let owned = part.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || write_part(&owned, resumed, rx));
     let mut resp = resp;
     let mut total = have;
     let mut written = 0u64;
@@ -264,24 +322,27 @@ async fn attempt_once(
                 "more than the announced {size} bytes"
             )));
         }
-        hasher.update(&chunk);
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| io_err("writing", part, e))?;
-        written += chunk.len() as u64;
+        let n = chunk.len() as u64;
+        if tx.send(chunk).await.is_err() {
+            // The writer stopped: its error is reported below.
+            break None;
+        }
+        written += n;
     };
-    file.flush().await.map_err(|e| io_err("writing", part, e))?;
+    drop(tx);
+    // What was received is on disk (and synced) before a cut is resumed.
+    let (hasher, on_disk) = writer
+        .await
+        .map_err(|e| Error::Other(format!("file writer task: {e}")))?
+        .map_err(|e| io_err("writing", part, e))?;
     metrics::counter!(m::FILES_DOWNLOADED_BYTES, "location" => location.to_string())
         .increment(written);
     if let Some(a) = outcome {
-        if matches!(a, Attempt::Cut(_)) {
-            let _ = file.sync_data().await;
-        }
         return Ok(Err(a));
     }
-    if total != size {
+    if on_disk != size {
         return Ok(Err(Attempt::Mismatch(format!(
-            "size {total} bytes, the event says {size}"
+            "size {on_disk} bytes, the event says {size}"
         ))));
     }
     let got = hex::encode(hasher.finalize());
@@ -290,8 +351,46 @@ async fn attempt_once(
             "sha256 {got}, expected {sha256}"
         ))));
     }
-    file.sync_all()
-        .await
-        .map_err(|e| io_err("syncing", part, e))?;
-    Ok(Ok(Some(total)))
+    Ok(Ok(Some(on_disk)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `data` in 64 KiB chunks to a writer of `part`; returns its result.
+    fn write(part: &Path, resume: bool, data: &[u8]) -> (String, u64) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITER_QUEUE);
+        let owned = part.to_path_buf();
+        let writer = std::thread::spawn(move || write_part(&owned, resume, rx));
+        for c in data.chunks(64 * 1024) {
+            tx.blocking_send(c.to_vec()).unwrap();
+        }
+        drop(tx);
+        let (h, n) = writer.join().unwrap().unwrap();
+        (hex::encode(h.finalize()), n)
+    }
+
+    #[test]
+    fn writer_hashes_writes_and_resumes_across_write_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let part = d.path().join("x.part");
+        // Larger than a few WRITE_BEHIND steps, not a multiple of the chunk size.
+        let data: Vec<u8> = (0..(3 * WRITE_BEHIND as usize + 12_345))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let whole = hex::encode(Sha256::digest(&data));
+        assert_eq!(
+            write(&part, false, &data),
+            (whole.clone(), data.len() as u64)
+        );
+        assert_eq!(std::fs::read(&part).unwrap(), data);
+        // A cut after 10 MiB + 7 bytes: the resumed attempt hashes the prefix on disk.
+        let cut = 10 * 1024 * 1024 + 7;
+        std::fs::write(&part, &data[..cut]).unwrap();
+        assert_eq!(write(&part, true, &data[cut..]), (whole, data.len() as u64));
+        assert_eq!(std::fs::read(&part).unwrap(), data);
+        // Not resumed: the part file starts over.
+        assert_eq!(write(&part, false, b"abc").1, 3);
+    }
 }

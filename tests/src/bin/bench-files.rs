@@ -10,6 +10,15 @@
 //! timed to exit (rsync does no end-to-end checksum of its own choosing beyond its
 //! transfer checksums, and no fsync). Peak RSS (VmHWM) of each process during (b).
 //!
+//! Fairness: the data set is flushed (`sync`) before each side is timed, so neither pays
+//! for writing back the generated source folder (or the other side's output). Ours
+//! fsyncs every file before its batch commits (invariant 6); rsync's copy is only in
+//! the page cache when it exits, so a second figure, "rsync + sync", adds the time of
+//! a `sync -f` of the destination's filesystem after it: rsync's copy made durable.
+//! The branch's indexing (hashing) is not in our time: the listener indexes the folder
+//! while it is generated (files are old enough to be settled); "index s" is the wait
+//! after generation. rsync computes its own checksums while it transfers.
+//!
 //! Needs PostgreSQL (`TEST_PG_URL`, or `tests/pg.sh ensure` is run) and `rsync`.
 //! Reproduce: cargo build --release -p branch-listener -p hq-puller -p tests --bins &&
 //!   target/release/bench-files [--files 10000 --big-mib 2048 --reps 1] [--quick]
@@ -147,10 +156,23 @@ fn generate(src: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(usi
     Ok((images, bytes))
 }
 
+/// A child process killed when dropped, so a failing step (a `?` or `bail!`) leaves
+/// no listener or rsync daemon behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Run {
     index_s: f64,
     ours_s: f64,
     rsync_s: f64,
+    /// rsync, then `sync -f` of its destination (rsync's copy durable).
+    rsync_durable_s: f64,
     ours_rss: (u64, u64),
     rsync_rss: (u64, u64),
 }
@@ -163,6 +185,16 @@ fn have_rsync() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Flushes the filesystem holding `path` (`sync -f`); returns the seconds it took.
+fn sync_fs(path: &Path) -> Result<f64> {
+    let t0 = Instant::now();
+    let st = Command::new("sync").arg("-f").arg(path).status()?;
+    if !st.success() {
+        bail!("sync -f {} failed", path.display());
+    }
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 fn wait_port(port: u16) -> Result<()> {
@@ -224,13 +256,15 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
     if !st.success() {
         bail!("branch-listener install failed");
     }
-    let mut listener: Child = Command::new(bins.join("branch-listener"))
-        .args(["serve", "--config"])
-        .arg(&bcfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let listener = KillOnDrop(
+        Command::new(bins.join("branch-listener"))
+            .args(["serve", "--config"])
+            .arg(&bcfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
     wait_port(port)?;
     let hq_url = tests::pg::fresh_database("benchfiles").await?;
     let hq_dir = work.join("hq");
@@ -282,14 +316,15 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
     }
     let index_s = t_index.elapsed().as_secs_f64();
     pool.close().await;
+    // Neither side pays for writing back the generated folder.
+    sync_fs(work)?;
     let mut cmd = Command::new(bins.join("hq-puller"));
     cmd.args(["pull", "b01", "--config"])
         .arg(&hcfg)
         .env("RUST_LOG", "warn");
     let (ours_s, hq_rss, _) = timed(cmd, None)?;
-    let listener_rss = vm_hwm(listener.id()).unwrap_or(0);
-    let _ = listener.kill();
-    let _ = listener.wait();
+    let listener_rss = vm_hwm(listener.0.id()).unwrap_or(0);
+    drop(listener);
     let got = count_files(&hq_dir.join("b01"));
     if got != (n, bytes) {
         bail!("HQ holds {got:?} (files, bytes), expected {:?}", (n, bytes));
@@ -306,6 +341,7 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
                 index_s,
                 ours_s,
                 rsync_s: f64::NAN,
+                rsync_durable_s: f64::NAN,
                 ours_rss: (listener_rss, hq_rss),
                 rsync_rss: (0, 0),
             },
@@ -320,23 +356,27 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
             src.display()
         ),
     )?;
-    let mut daemon = Command::new("rsync")
-        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-        .arg(format!("--port={rport}"))
-        .arg(format!("--config={}", conf.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting rsync --daemon (apt-get install rsync)")?;
+    let daemon = KillOnDrop(
+        Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+            .arg(format!("--port={rport}"))
+            .arg(format!("--config={}", conf.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting rsync --daemon (apt-get install rsync)")?,
+    );
     wait_port(rport)?;
     let dst = work.join("rsync-dst");
+    // Nothing of our run (the removed HQ folder) is left for rsync's clock to flush.
+    sync_fs(work)?;
     let mut cmd = Command::new("rsync");
     cmd.arg("-a")
         .arg(format!("rsync://127.0.0.1:{rport}/src/"))
         .arg(format!("{}/", dst.display()));
-    let (rsync_s, rsync_client_rss, rsync_daemon_rss) = timed(cmd, Some(daemon.id()))?;
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    let (rsync_s, rsync_client_rss, rsync_daemon_rss) = timed(cmd, Some(daemon.0.id()))?;
+    let rsync_durable_s = rsync_s + sync_fs(&dst)?;
+    drop(daemon);
     if count_files(&dst) != (n, bytes) {
         bail!("rsync copied {:?}", count_files(&dst));
     }
@@ -348,6 +388,7 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
             index_s,
             ours_s,
             rsync_s,
+            rsync_durable_s,
             ours_rss: (listener_rss, hq_rss),
             rsync_rss: (rsync_daemon_rss, rsync_client_rss),
         },
@@ -372,8 +413,8 @@ async fn main() -> Result<()> {
         "bench-files: (a) {} images of {}–{} KB, (b) one {} MiB file; {} repetition(s); loopback",
         args.files, args.min_kb, args.max_kb, args.big_mib, args.reps
     );
-    println!("| case | ours MB/s (min–max) | ours files/s | rsync MB/s | rsync files/s | ours / rsync | branch index s |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| case | ours MB/s (min–max) | ours files/s | rsync MB/s | rsync files/s | ours / rsync | rsync + sync MB/s | ours / (rsync + sync) | branch index s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     if !have_rsync() {
         println!("(rsync is not installed: only our figures; apt-get install rsync for the peer)");
     }
@@ -387,12 +428,14 @@ async fn main() -> Result<()> {
             continue;
         }
         let (mut ours, mut theirs, mut index) = (Vec::new(), Vec::new(), Vec::new());
+        let mut durable = Vec::new();
         let (mut n, mut bytes) = (0, 0);
         for _ in 0..args.reps {
             let (nn, bb, r) = one(&base.join("work"), images, big, &args).await?;
             (n, bytes) = (nn, bb);
             ours.push(r.ours_s);
             theirs.push(r.rsync_s);
+            durable.push(r.rsync_durable_s);
             index.push(r.index_s);
             if big > 0 {
                 rss = Some((r.ours_rss, r.rsync_rss));
@@ -400,17 +443,20 @@ async fn main() -> Result<()> {
         }
         let (o, o_lo, o_hi) = median(ours);
         let (t, _, _) = median(theirs);
+        let (td, _, _) = median(durable);
         let (ix, _, _) = median(index);
         let mb = bytes as f64 / 1e6;
         println!(
-            "| {case} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {:.0} | {:.2}× | {ix:.1} |",
+            "| {case} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.2}× | {ix:.1} |",
             mb / o,
             mb / o_hi,
             mb / o_lo,
             n as f64 / o,
             mb / t,
             n as f64 / t,
-            t / o
+            t / o,
+            mb / td,
+            td / o
         );
         let what = if big > 0 {
             format!("files (b): one {} MiB file, MB/s vs rsync -a", args.big_mib)
