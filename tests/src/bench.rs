@@ -53,6 +53,18 @@ pub async fn drop_database(url: &str) {
     }
 }
 
+/// A peer's failure in one short line for a table cell ("n/a (reason)"): the first
+/// line of the error chain, without `|`, at most 80 characters.
+pub fn short_reason(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    let line = text.lines().next().unwrap_or("").replace('|', "/");
+    let mut short: String = line.chars().take(80).collect();
+    if line.chars().count() > 80 {
+        short.push('…');
+    }
+    short
+}
+
 /// `yes` / `no` for a target check.
 pub fn met(ok: bool) -> String {
     if ok { "yes" } else { "no" }.to_string()
