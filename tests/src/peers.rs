@@ -153,6 +153,8 @@ pub struct Bucardo {
     relgroup: String,
     /// The daemon was started and not yet stopped.
     running: bool,
+    /// The KID's pid before [`deactivate`](Self::deactivate).
+    kid_before: Option<u32>,
 }
 
 /// Runs `bucardo` in `dir` (it writes its "reason" files into the current folder)
@@ -293,6 +295,7 @@ impl Bucardo {
             dbs: [format!("src_{tag}"), format!("dst_{tag}")],
             relgroup: format!("g_{tag}"),
             running: false,
+            kid_before: None,
         };
         for (name, db) in [(&b.dbs[0], &src_db), (&b.dbs[1], &dst_db)] {
             b.cli(&[
@@ -340,10 +343,10 @@ impl Bucardo {
         crate::process::log_tail(&self.dir.path().join("log").join("log.bucardo"), lines)
     }
 
-    /// Runs of the sync that have ended.
-    async fn ended_runs(&mut self) -> Result<i64> {
-        let (ended, bad): (i64, Option<String>) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE ended IS NOT NULL), \
+    /// Runs of the sync (started, ended).
+    async fn runs(&mut self) -> Result<(i64, i64)> {
+        let (started, ended, bad): (i64, i64, Option<String>) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE ended IS NOT NULL), \
                     max(status) FILTER (WHERE lastbad) FROM bucardo.syncrun WHERE sync = $1",
         )
         .bind(&self.sync)
@@ -352,13 +355,13 @@ impl Bucardo {
         if let Some(status) = bad {
             bail!("Bucardo sync {} failed: {status}", self.sync);
         }
-        Ok(ended)
+        Ok((started, ended))
     }
 
     /// Waits (polling every 10 ms, at most `timeout`) until `n` runs have ended.
     async fn wait_runs(&mut self, n: i64, timeout: Duration) -> Result<()> {
         let t0 = Instant::now();
-        while self.ended_runs().await? < n {
+        while self.runs().await?.1 < n {
             if t0.elapsed() > timeout {
                 bail!(
                     "Bucardo sync {} did not complete {n} run(s) within {timeout:?}; log tail:\n{}",
@@ -371,16 +374,46 @@ impl Bucardo {
         Ok(())
     }
 
+    /// The pid in the sync's KID pid file, if that process is alive.
+    fn kid_pid(&self) -> Option<u32> {
+        let f = self
+            .dir
+            .path()
+            .join("pid")
+            .join(format!("bucardo.kid.sync.{}.pid", self.sync));
+        let pid: u32 = std::fs::read_to_string(f).ok()?.trim().parse().ok()?;
+        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
+
     /// Stops the sync (the daemon stays up; the source's triggers go on recording
     /// changes), e.g. to let a backlog build up; waits for the daemon's confirmation.
-    pub fn deactivate(&self) -> Result<()> {
+    pub fn deactivate(&mut self) -> Result<()> {
+        self.kid_before = self.kid_pid();
         self.cli(&["deactivate", &self.sync, "60"]).map(drop)
     }
 
-    /// Activates the sync again and waits for the daemon's confirmation. Nothing is
-    /// replicated until the next [`kick`](Self::kick) or source change.
-    pub fn activate(&self) -> Result<()> {
-        self.cli(&["activate", &self.sync, "60"]).map(drop)
+    /// Activates the sync again: waits for the daemon's confirmation, for the new
+    /// controller's KID and then one more second (untimed): a kick sent before the KID
+    /// listens is lost (seen under load without that second).
+    /// Nothing is replicated until the next [`kick`](Self::kick) or source change.
+    pub async fn activate(&mut self) -> Result<()> {
+        self.cli(&["activate", &self.sync, "60"])?;
+        let t0 = Instant::now();
+        loop {
+            match self.kid_pid() {
+                Some(pid) if Some(pid) != self.kid_before => {
+                    // The KID writes its pid file before it LISTENs for runs.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return Ok(());
+                }
+                _ if t0.elapsed() > Duration::from_secs(60) => bail!(
+                    "Bucardo sync {} activated but no new KID within 60 s; log tail:\n{}",
+                    self.sync,
+                    self.log_tail(20)
+                ),
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
     }
 
     /// Asks the sync to run now (returns at once).
@@ -397,23 +430,45 @@ impl Bucardo {
         .await?)
     }
 
-    /// Call before [`kick`](Self::kick): the source's fingerprint and the runs ended so
-    /// far, for [`wait_caught_up`](Self::wait_caught_up).
+    /// Call before [`kick`](Self::kick): the source's fingerprint and the runs so far,
+    /// for [`wait_caught_up`](Self::wait_caught_up).
     pub async fn mark(&mut self) -> Result<CatchUpMark> {
+        let source = Self::fingerprint(&mut self.src, &self.table).await?;
+        let (started, ended) = self.runs().await?;
         Ok(CatchUpMark {
-            source: Self::fingerprint(&mut self.src, &self.table).await?,
-            runs: self.ended_runs().await?,
+            source,
+            started,
+            ended,
         })
     }
 
     /// Waits (at most `timeout`) until the target table equals the source as it was at
     /// `mark`: polls the `bucardo` database every 10 ms for a newly ended run (cheap),
     /// then compares the target's fingerprint (every 10 ms, as the run's end may be
-    /// recorded a moment before the target's commit is visible).
+    /// recorded a moment before the target's commit is visible). Should no run start
+    /// within a second of the kick, kicks again (and says so on stderr).
     pub async fn wait_caught_up(&mut self, mark: &CatchUpMark, timeout: Duration) -> Result<()> {
         let t0 = Instant::now();
-        let left = |t0: Instant| timeout.saturating_sub(t0.elapsed());
-        self.wait_runs(mark.runs + 1, left(t0)).await?;
+        let mut kicked = Instant::now();
+        loop {
+            let (started, ended) = self.runs().await?;
+            if ended > mark.ended {
+                break;
+            }
+            if started == mark.started && kicked.elapsed() > Duration::from_secs(1) {
+                eprintln!("Bucardo: no run started within 1 s of the kick; kicking again");
+                self.kick()?;
+                kicked = Instant::now();
+            }
+            if t0.elapsed() > timeout {
+                bail!(
+                    "Bucardo sync {} did not complete a run within {timeout:?}; log tail:\n{}",
+                    self.sync,
+                    self.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         loop {
             if Self::fingerprint(&mut self.dst, &self.table).await? == mark.source {
                 return Ok(());
@@ -495,5 +550,6 @@ impl Drop for Bucardo {
 /// The source's state a Bucardo catch-up is waited for (see [`Bucardo::mark`]).
 pub struct CatchUpMark {
     source: (i64, i64),
-    runs: i64,
+    started: i64,
+    ended: i64,
 }

@@ -374,7 +374,7 @@ async fn run_bucardo_on(args: &Args, src_url: &str, dst_url: &str) -> Result<f64
     for s in pg_workload_sql(shape(args.changes)) {
         b.src.execute(s.as_str()).await?;
     }
-    b.activate()?;
+    b.activate().await?;
     let mark = b.mark().await?;
     let t0 = Instant::now();
     b.kick()?;
