@@ -153,8 +153,6 @@ pub struct Bucardo {
     relgroup: String,
     /// The daemon was started and not yet stopped.
     running: bool,
-    /// The KID's pid before [`deactivate`](Self::deactivate).
-    kid_before: Option<u32>,
 }
 
 /// Runs `bucardo` in `dir` (it writes its "reason" files into the current folder)
@@ -206,7 +204,17 @@ impl Bucardo {
     /// registers `src_url`'s `table` (in `public`) for a source → target sync to
     /// `dst_url` and starts the daemon; returns once the sync has completed its first
     /// (empty) run, i.e. its triggers record changes and its controller listens.
-    pub async fn create(src_url: &str, dst_url: &str, ddl: &str, table: &str) -> Result<Bucardo> {
+    /// With `autokick` each source commit starts a run (Bucardo's default); without,
+    /// changes are only recorded until [`kick`](Self::kick), e.g. to build a backlog
+    /// with the daemon and its controller already up (deactivating and activating the
+    /// sync instead lost the first kick after activation now and then).
+    pub async fn create(
+        src_url: &str,
+        dst_url: &str,
+        ddl: &str,
+        table: &str,
+        autokick: bool,
+    ) -> Result<Bucardo> {
         if let Some(why) = Self::unavailable() {
             bail!("{why}");
         }
@@ -295,7 +303,6 @@ impl Bucardo {
             dbs: [format!("src_{tag}"), format!("dst_{tag}")],
             relgroup: format!("g_{tag}"),
             running: false,
-            kid_before: None,
         };
         for (name, db) in [(&b.dbs[0], &src_db), (&b.dbs[1], &dst_db)] {
             b.cli(&[
@@ -321,12 +328,25 @@ impl Bucardo {
             &b.sync,
             &format!("relgroup={}", b.relgroup),
             &format!("dbs={}:source,{}:target", b.dbs[0], b.dbs[1]),
+            &format!("autokick={}", u8::from(autokick)),
         ])?;
         b.running = true;
         b.cli(&["start", "benchmark"])?;
-        b.wait_runs(1, Duration::from_secs(60))
-            .await
-            .context("Bucardo's first (empty) run")?;
+        // With autokick the daemon runs the sync once at start; without, a kick does
+        // (repeated until it is heard: one sent before the controller listens is lost).
+        let t0 = Instant::now();
+        loop {
+            if !autokick {
+                b.kick()?;
+            }
+            match b.wait_runs(1, Duration::from_secs(3)).await {
+                Ok(()) => break,
+                Err(e) if t0.elapsed() > Duration::from_secs(60) => {
+                    return Err(e.context("Bucardo's first (empty) run"))
+                }
+                Err(_) => {}
+            }
+        }
         Ok(b)
     }
 
@@ -374,48 +394,6 @@ impl Bucardo {
         Ok(())
     }
 
-    /// The pid in the sync's KID pid file, if that process is alive.
-    fn kid_pid(&self) -> Option<u32> {
-        let f = self
-            .dir
-            .path()
-            .join("pid")
-            .join(format!("bucardo.kid.sync.{}.pid", self.sync));
-        let pid: u32 = std::fs::read_to_string(f).ok()?.trim().parse().ok()?;
-        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
-    }
-
-    /// Stops the sync (the daemon stays up; the source's triggers go on recording
-    /// changes), e.g. to let a backlog build up; waits for the daemon's confirmation.
-    pub fn deactivate(&mut self) -> Result<()> {
-        self.kid_before = self.kid_pid();
-        self.cli(&["deactivate", &self.sync, "60"]).map(drop)
-    }
-
-    /// Activates the sync again: waits for the daemon's confirmation, for the new
-    /// controller's KID and then one more second (untimed): a kick sent before the KID
-    /// listens is lost (seen under load without that second).
-    /// Nothing is replicated until the next [`kick`](Self::kick) or source change.
-    pub async fn activate(&mut self) -> Result<()> {
-        self.cli(&["activate", &self.sync, "60"])?;
-        let t0 = Instant::now();
-        loop {
-            match self.kid_pid() {
-                Some(pid) if Some(pid) != self.kid_before => {
-                    // The KID writes its pid file before it LISTENs for runs.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    return Ok(());
-                }
-                _ if t0.elapsed() > Duration::from_secs(60) => bail!(
-                    "Bucardo sync {} activated but no new KID within 60 s; log tail:\n{}",
-                    self.sync,
-                    self.log_tail(20)
-                ),
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    }
-
     /// Asks the sync to run now (returns at once).
     pub fn kick(&self) -> Result<()> {
         self.cli(&["kick", &self.sync]).map(drop)
@@ -446,7 +424,8 @@ impl Bucardo {
     /// `mark`: polls the `bucardo` database every 10 ms for a newly ended run (cheap),
     /// then compares the target's fingerprint (every 10 ms, as the run's end may be
     /// recorded a moment before the target's commit is visible). Should no run start
-    /// within a second of the kick, kicks again (and says so on stderr).
+    /// within 5 s of the kick, kicks again and says so on stderr (the time still counts
+    /// from the first kick).
     pub async fn wait_caught_up(&mut self, mark: &CatchUpMark, timeout: Duration) -> Result<()> {
         let t0 = Instant::now();
         let mut kicked = Instant::now();
@@ -455,8 +434,8 @@ impl Bucardo {
             if ended > mark.ended {
                 break;
             }
-            if started == mark.started && kicked.elapsed() > Duration::from_secs(1) {
-                eprintln!("Bucardo: no run started within 1 s of the kick; kicking again");
+            if started == mark.started && kicked.elapsed() > Duration::from_secs(5) {
+                eprintln!("Bucardo: no run started within 5 s of the kick; kicking again");
                 self.kick()?;
                 kicked = Instant::now();
             }

@@ -375,7 +375,8 @@ async fn run_bucardo(args: &Args) -> Result<Samples> {
 }
 
 async fn run_bucardo_on(args: &Args, src_url: &str, dst_url: &str) -> Result<Samples> {
-    let mut b = tests::peers::Bucardo::create(src_url, dst_url, PEER_TABLE, "products").await?;
+    let mut b =
+        tests::peers::Bucardo::create(src_url, dst_url, PEER_TABLE, "products", true).await?;
     for sql in notify_trigger_sql("products", true) {
         b.dst.execute(sql.as_str()).await?;
     }
