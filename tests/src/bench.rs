@@ -116,6 +116,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn short_reason_fits_a_table_cell() {
+        let e = anyhow::anyhow!("bucardo start failed | exit 1\nlog tail:\nmore");
+        assert_eq!(short_reason(&e), "bucardo start failed / exit 1");
+        let long = anyhow::anyhow!("{}", "x".repeat(100));
+        assert_eq!(short_reason(&long).chars().count(), 81);
+    }
+
+    #[test]
     fn median_of_three() {
         assert_eq!(median_min_max(vec![3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
     }
