@@ -138,8 +138,10 @@ impl LogicalReplication {
 /// names unique to this instance, with its own daemon (pid, log and rc files in a
 /// temporary folder). `bucardo install` runs once per cluster (skipped when the
 /// `bucardo` database exists). The daemon is stopped and the registration removed by
-/// [`drop_all`](Self::drop_all), or by `Drop` when a benchmark fails half-way: no
-/// Bucardo process outlives this value. One instance per cluster at a time (every
+/// [`drop_all`](Self::drop_all), or by `Drop` when a benchmark fails half-way (an
+/// error or a panic): no Bucardo process outlives this value, unless the benchmark
+/// process itself is killed (then the daemon exits once the cluster is destroyed; its
+/// VAC process may linger). One instance per cluster at a time (every
 /// daemon reads every sync of the `bucardo` database).
 pub struct Bucardo {
     pub src: PgConnection,
