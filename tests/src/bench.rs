@@ -53,6 +53,18 @@ pub async fn drop_database(url: &str) {
     }
 }
 
+/// A peer's failure in one short line for a table cell ("n/a (reason)"): the first
+/// line of the error chain, without `|`, at most 80 characters.
+pub fn short_reason(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    let line = text.lines().next().unwrap_or("").replace('|', "/");
+    let mut short: String = line.chars().take(80).collect();
+    if line.chars().count() > 80 {
+        short.push('…');
+    }
+    short
+}
+
 /// `yes` / `no` for a target check.
 pub fn met(ok: bool) -> String {
     if ok { "yes" } else { "no" }.to_string()
@@ -102,6 +114,14 @@ pub fn clock_ticks_per_second() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_reason_fits_a_table_cell() {
+        let e = anyhow::anyhow!("bucardo start failed | exit 1\nlog tail:\nmore");
+        assert_eq!(short_reason(&e), "bucardo start failed / exit 1");
+        let long = anyhow::anyhow!("{}", "x".repeat(100));
+        assert_eq!(short_reason(&long).chars().count(), 81);
+    }
 
     #[test]
     fn median_of_three() {

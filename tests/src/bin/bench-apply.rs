@@ -10,6 +10,13 @@
 //! - **logical replication**: W in one PostgreSQL database published to another
 //!   database of the same cluster; the subscription is enabled once the backlog exists
 //!   and timed until it has confirmed the source's WAL position.
+//! - **Bucardo**: W in one PostgreSQL database replicated by a Bucardo sync to another
+//!   database of the same cluster (it copies identical tables; it cannot merge several
+//!   sources into one table, so it gets W from one source). The backlog is built with
+//!   the sync's autokick off (its triggers record every change, nothing runs); the
+//!   sync is then kicked and timed until the target equals the source. Reported
+//!   next to logical replication, which stays what the target is judged against; "n/a
+//!   (reason)" when Bucardo is not installed or cannot be started.
 //! - **COPY** (the floor): the W end state's rows plus the deleted ones (as many rows as
 //!   ours applies after collapsing) COPYed into a table shaped like `hq.products`.
 //!
@@ -40,7 +47,7 @@ struct Args {
     /// Folder with the release binaries (default: next to this executable).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Skip the peers (logical replication, COPY).
+    /// Skip the peers (logical replication, Bucardo, COPY).
     #[arg(long)]
     no_peers: bool,
     /// hq-puller's `batch_limit` (changes per batch; larger batches collapse more).
@@ -49,7 +56,7 @@ struct Args {
     /// hq-puller's `max_concurrent_pulls`.
     #[arg(long, default_value_t = 8)]
     max_concurrent: u32,
-    /// Measure only the peers (logical replication, COPY).
+    /// Measure only the peers (logical replication, Bucardo, COPY).
     #[arg(long)]
     peers_only: bool,
     /// How long the idle service runs before its RSS is read, seconds.
@@ -350,6 +357,46 @@ async fn run_logical(args: &Args) -> Result<f64> {
     Ok(secs)
 }
 
+/// Bucardo: the backlog recorded by its triggers with the sync's autokick off, then the
+/// drain timed from the kick until the target equals the source.
+async fn run_bucardo(args: &Args) -> Result<f64> {
+    let src_url = tests::pg::fresh_database("bench_buc_src").await?;
+    let dst_url = tests::pg::fresh_database("bench_buc_dst").await?;
+    let r = run_bucardo_on(args, &src_url, &dst_url).await;
+    tests::bench::drop_database(&src_url).await;
+    tests::bench::drop_database(&dst_url).await;
+    r
+}
+
+async fn run_bucardo_on(args: &Args, src_url: &str, dst_url: &str) -> Result<f64> {
+    // Without autokick the triggers record the backlog and nothing runs until the kick.
+    let mut b =
+        tests::peers::Bucardo::create(src_url, dst_url, PEER_TABLE, "products", false).await?;
+    for s in pg_workload_sql(shape(args.changes)) {
+        b.src.execute(s.as_str()).await?;
+    }
+    let early: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+        .fetch_one(&mut b.dst)
+        .await?;
+    if early != 0 {
+        bail!("Bucardo replicated {early} rows before the kick: the backlog was not held back");
+    }
+    let mark = b.mark().await?;
+    let t0 = Instant::now();
+    b.kick()?;
+    b.wait_caught_up(&mark, Duration::from_secs(1800)).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    let (ins, _, del) = shape(args.changes);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+        .fetch_one(&mut b.dst)
+        .await?;
+    if n as u64 != ins - del {
+        bail!("Bucardo's target has {n} rows, expected {}", ins - del);
+    }
+    b.drop_all().await?;
+    Ok(secs)
+}
+
 /// COPY of as many rows as ours applies after collapsing (one image per key).
 async fn run_copy(args: &Args) -> Result<(f64, u64)> {
     let url = tests::pg::fresh_database("bench_copy").await?;
@@ -393,6 +440,8 @@ async fn main() -> Result<()> {
     let mut lr = Vec::new();
     let mut copy = Vec::new();
     let mut copy_rows = 0;
+    let mut bucardo = Vec::new();
+    let mut bucardo_na = tests::peers::Bucardo::unavailable();
     for rep in 0..args.reps {
         if !args.peers_only {
             eprintln!("repetition {}: ours", rep + 1);
@@ -401,6 +450,16 @@ async fn main() -> Result<()> {
         if !args.no_peers {
             eprintln!("repetition {}: logical replication", rep + 1);
             lr.push(run_logical(&args).await.context("logical replication")?);
+            if bucardo_na.is_none() {
+                eprintln!("repetition {}: Bucardo", rep + 1);
+                match run_bucardo(&args).await {
+                    Ok(s) => bucardo.push(s),
+                    Err(e) => {
+                        eprintln!("Bucardo not measured: {e:#}");
+                        bucardo_na = Some(tests::bench::short_reason(&e));
+                    }
+                }
+            }
             eprintln!("repetition {}: COPY", rep + 1);
             let (s, n) = run_copy(&args).await.context("COPY")?;
             copy.push(s);
@@ -415,6 +474,7 @@ async fn main() -> Result<()> {
     };
     let mut ours_rate = None;
     let mut lr_rate = None;
+    let mut bucardo_peer = String::new();
     if !ours.is_empty() {
         let (m, lo, hi) = rate(ours.iter().map(|o| o.seconds).collect(), total);
         println!("| ours: hq-puller pull --all, changes/s | {m:.0} | {lo:.0}–{hi:.0} |");
@@ -424,6 +484,17 @@ async fn main() -> Result<()> {
         let (m, lo, hi) = rate(lr, total);
         println!("| PostgreSQL logical replication, changes/s | {m:.0} | {lo:.0}–{hi:.0} |");
         lr_rate = Some(m);
+        bucardo_peer = match &bucardo_na {
+            None => {
+                let (m, lo, hi) = rate(bucardo, total);
+                println!("| Bucardo (one source database), changes/s | {m:.0} | {lo:.0}–{hi:.0} |");
+                format!("{m:.0} (Bucardo)")
+            }
+            Some(why) => {
+                println!("| Bucardo (one source database), changes/s | n/a ({why}) | |");
+                format!("n/a (Bucardo: {why})")
+            }
+        };
         let (m, lo, hi) = rate(copy, copy_rows as f64);
         println!("| COPY of the applied rows (floor), rows/s | {m:.0} | {lo:.0}–{hi:.0} |");
         Summary {
@@ -442,7 +513,7 @@ async fn main() -> Result<()> {
     if let Some(o) = ours_rate {
         let (peer, ratio, met) = match lr_rate {
             Some(p) => (
-                format!("{p:.0} (logical replication)"),
+                format!("{p:.0} (logical replication); {bucardo_peer}"),
                 format!("{:.2}×", o / p),
                 tests::bench::met(o >= p),
             ),

@@ -17,7 +17,11 @@
 //! logical replication of the same table between two databases of the cluster, with
 //! the notifying trigger on the subscriber (`ENABLE ALWAYS`), the source's writers
 //! committing with `synchronous_commit = on` (the cluster's default is off, which holds
-//! WAL back from the walsender for up to `wal_writer_delay`).
+//! WAL back from the walsender for up to `wal_writer_delay`); the second peer: a Bucardo
+//! sync of the same table between two databases of the cluster, the notifying trigger
+//! on the target (`ENABLE ALWAYS`: Bucardo writes with `session_replication_role =
+//! replica`), kicked by its own triggers on each source commit. A peer that cannot be
+//! set up (Bucardo not installed, not starting) is reported "n/a (reason)".
 //!
 //! Reproduce: cargo build --release --workspace --bins &&
 //!   target/release/bench-latency [--samples 1000] [--schedule-samples 300] [--reps 3]
@@ -51,8 +55,8 @@ struct Args {
     /// Repetitions (medians of the per-repetition percentiles are reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Scenarios to run (comma-separated): sqlite, postgres, logical, schedule.
-    #[arg(long, default_value = "sqlite,postgres,logical,schedule")]
+    /// Scenarios to run (comma-separated): sqlite, postgres, logical, bucardo, schedule.
+    #[arg(long, default_value = "sqlite,postgres,logical,bucardo,schedule")]
     only: String,
 }
 
@@ -264,6 +268,7 @@ enum Scenario {
     StreamSqlite,
     StreamPostgres,
     Logical,
+    Bucardo,
     ScheduleSqlite,
 }
 
@@ -273,6 +278,7 @@ impl Scenario {
             Scenario::StreamSqlite => "ours, stream mode, SQLite branch",
             Scenario::StreamPostgres => "ours, stream mode, PostgreSQL branch",
             Scenario::Logical => "PostgreSQL logical replication",
+            Scenario::Bucardo => "Bucardo",
             Scenario::ScheduleSqlite => "ours, schedule mode (every second), SQLite branch",
         }
     }
@@ -359,6 +365,32 @@ async fn run_logical(args: &Args) -> Result<Samples> {
     r
 }
 
+async fn run_bucardo(args: &Args) -> Result<Samples> {
+    let src_url = tests::pg::fresh_database("bench_lat_buc_src").await?;
+    let dst_url = tests::pg::fresh_database("bench_lat_buc_dst").await?;
+    let r = run_bucardo_on(args, &src_url, &dst_url).await;
+    tests::bench::drop_database(&src_url).await;
+    tests::bench::drop_database(&dst_url).await;
+    r
+}
+
+async fn run_bucardo_on(args: &Args, src_url: &str, dst_url: &str) -> Result<Samples> {
+    let mut b =
+        tests::peers::Bucardo::create(src_url, dst_url, PEER_TABLE, "products", true).await?;
+    for sql in notify_trigger_sql("products", true) {
+        b.dst.execute(sql.as_str()).await?;
+    }
+    let writer = Db::connect(src_url, 2).await?;
+    seed(&writer).await?;
+    let r = measure(&writer, dst_url, args.samples, args.marker_rate, args.load).await;
+    writer.close().await;
+    if r.is_err() {
+        eprintln!("--- Bucardo log tail ---\n{}", b.log_tail(30));
+    }
+    b.drop_all().await?;
+    r
+}
+
 fn percentiles(v: &[f64]) -> (f64, f64, f64, f64) {
     (
         quantile(v, 0.5),
@@ -377,6 +409,7 @@ async fn main() -> Result<()> {
         ("sqlite", Scenario::StreamSqlite),
         ("postgres", Scenario::StreamPostgres),
         ("logical", Scenario::Logical),
+        ("bucardo", Scenario::Bucardo),
         ("schedule", Scenario::ScheduleSqlite),
     ] {
         if wanted.contains(&key) {
@@ -385,7 +418,7 @@ async fn main() -> Result<()> {
     }
     if scenarios.is_empty() {
         bail!(
-            "--only {:?}: expected some of sqlite, postgres, logical, schedule",
+            "--only {:?}: expected some of sqlite, postgres, logical, bucardo, schedule",
             args.only
         );
     }
@@ -398,13 +431,33 @@ async fn main() -> Result<()> {
          (NOTIFY round trip median {resolution:.3} ms)",
         args.samples, args.schedule_samples, args.load, args.reps
     );
-    let mut results: Vec<(Scenario, Vec<Samples>)> =
-        scenarios.iter().map(|&s| (s, Vec::new())).collect();
+    // Per scenario: its samples per repetition, and why a peer could not be measured.
+    let mut results: Vec<(Scenario, Vec<Samples>, Option<String>)> = scenarios
+        .iter()
+        .map(|&s| {
+            let na = (s == Scenario::Bucardo)
+                .then(tests::peers::Bucardo::unavailable)
+                .flatten();
+            (s, Vec::new(), na)
+        })
+        .collect();
     for rep in 0..args.reps {
-        for (s, out) in results.iter_mut() {
+        for (s, out, na) in results.iter_mut() {
+            if na.is_some() {
+                continue;
+            }
             eprintln!("repetition {}: {}", rep + 1, s.name());
             let r = match s {
                 Scenario::Logical => run_logical(&args).await,
+                Scenario::Bucardo => match run_bucardo(&args).await {
+                    Ok(r) => Ok(r),
+                    Err(e) => {
+                        // A peer that cannot be set up is reported, not a failure.
+                        eprintln!("Bucardo not measured: {e:#}");
+                        *na = Some(tests::bench::short_reason(&e));
+                        continue;
+                    }
+                },
                 _ => run_ours(&args, *s).await,
             }
             .with_context(|| s.name())?;
@@ -414,7 +467,13 @@ async fn main() -> Result<()> {
     println!("| scenario | samples per rep | p50 ms | p90 ms | p99 ms, median (min–max) | max ms | background txns/s |");
     println!("|---|---|---|---|---|---|---|");
     let mut p50p99: HashMap<&'static str, (f64, f64)> = HashMap::new();
-    for (s, reps) in &results {
+    let mut bucardo_na = None;
+    for (s, reps, na) in &results {
+        if let Some(why) = na {
+            println!("| {} | n/a ({why}) | | | | | |", s.name());
+            bucardo_na = Some(why.clone());
+            continue;
+        }
         let per: Vec<(f64, f64, f64, f64)> = reps.iter().map(|r| percentiles(&r.ms)).collect();
         let (p50, _, _) = median(per.iter().map(|p| p.0).collect());
         let (p90, _, _) = median(per.iter().map(|p| p.1).collect());
@@ -435,6 +494,11 @@ async fn main() -> Result<()> {
         p50p99.insert(s.name(), (p50, p99));
     }
     let lr = p50p99.get(Scenario::Logical.name()).copied();
+    let bucardo = match (p50p99.get(Scenario::Bucardo.name()), bucardo_na) {
+        (Some((a, b)), _) => format!("; {a:.1} / {b:.1} (Bucardo)"),
+        (None, Some(why)) => format!("; n/a (Bucardo: {why})"),
+        (None, None) => String::new(),
+    };
     for (s, backend) in [
         (Scenario::StreamSqlite, "SQLite"),
         (Scenario::StreamPostgres, "PostgreSQL"),
@@ -446,8 +510,8 @@ async fn main() -> Result<()> {
                 ),
                 ours: format!("{p50:.1} / {p99:.1}"),
                 peer: lr
-                    .map(|(a, b)| format!("{a:.1} / {b:.1} (logical replication)"))
-                    .unwrap_or_else(|| "not measured".into()),
+                    .map(|(a, b)| format!("{a:.1} / {b:.1} (logical replication){bucardo}"))
+                    .unwrap_or_else(|| format!("not measured{bucardo}")),
                 ratio: lr
                     .map(|(a, _)| format!("{:.2}× (p50)", p50 / a))
                     .unwrap_or_else(|| "—".into()),
