@@ -45,6 +45,18 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::transient(format!("file store gc: {what} {}: {e}", path.display()))
 }
 
+/// Removes `path` (not in a dry run); false when it was already gone.
+fn remove(path: &Path, dry_run: bool) -> Result<bool> {
+    if dry_run {
+        return Ok(true);
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err("removing", path, e)),
+    }
+}
+
 /// Removes what is unreferenced and older than `min_age` (nothing when `dry_run`).
 /// Blocking: call it from a blocking thread.
 pub fn sweep(store: &Store, min_age: Duration, dry_run: bool) -> Result<Swept> {
@@ -75,12 +87,8 @@ pub fn sweep(store: &Store, min_age: Duration, dry_run: bool) -> Result<Swept> {
                 s.kept += 1;
                 continue;
             }
-            if !dry_run {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(io_err("removing", &path, e)),
-                }
+            if !remove(&path, dry_run)? {
+                continue;
             }
             s.objects += 1;
             s.object_bytes += meta.len();
@@ -100,12 +108,8 @@ pub fn sweep(store: &Store, min_age: Duration, dry_run: bool) -> Result<Swept> {
             if !meta.is_file() || !old_enough(&meta, cutoff) {
                 continue;
             }
-            if !dry_run {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(io_err("removing", &path, e)),
-                }
+            if !remove(&path, dry_run)? {
+                continue;
             }
             s.leftovers += 1;
             s.leftover_bytes += meta.len();
