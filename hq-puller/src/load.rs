@@ -545,15 +545,7 @@ async fn load_pages(
     let page_rows = app.settings.snapshot_page_rows;
     let mut progress = Progress::new(&loc.id, what);
     for (ti, table) in tables.iter().enumerate().skip(first) {
-        let upserts = Upserts {
-            json: hq::upsert_into(table, &targets[ti]),
-            json_insert: hq::insert_into(table, &targets[ti]),
-            copied: hq::upsert_from_load_page(table, &targets[ti]),
-            copied_insert: hq::insert_from_load_page(table, &targets[ti]),
-            create_page: hq::create_load_page(table),
-            target: targets[ti].clone(),
-            table: table.clone(),
-        };
+        let upserts = Upserts::new(table, &targets[ti]);
         let mut after = if ti == first {
             row.last_key.clone()
         } else {
@@ -745,6 +737,31 @@ struct Upserts {
     table: Table,
 }
 
+impl Upserts {
+    /// The statements loading `table` into `target`.
+    fn new(table: &Table, target: &str) -> Upserts {
+        Upserts {
+            json: hq::upsert_into(table, target),
+            json_insert: hq::insert_into(table, target),
+            copied: hq::upsert_from_load_page(table, target),
+            copied_insert: hq::insert_from_load_page(table, target),
+            create_page: hq::create_load_page(table),
+            target: target.to_string(),
+            table: table.clone(),
+        }
+    }
+}
+
+/// A COPY page must hold as many lines as the listener counted in it.
+fn check_copied(table: &str, copied: u64, expected: u64) -> Result<()> {
+    if copied != expected {
+        return Err(Error::permanent(format!(
+            "snapshot page of {table} in COPY text holds {copied} lines, the listener said {expected}"
+        )));
+    }
+    Ok(())
+}
+
 /// Runs a page's plain insert (`insert`, half the cost of the upsert) in a savepoint;
 /// when the target already holds one of the page's keys (`unique_violation`: a page
 /// loaded again after its progress was lost, rows left by another process), rolls the
@@ -859,18 +876,13 @@ async fn insert_page(
                     .map_err(db_error)?;
                 sink.send(text.into_bytes()).await.map_err(db_error)?;
                 match sink.finish().await {
-                    Ok(copied) if copied == copy.rows => {
+                    Ok(copied) => {
+                        check_copied(&table, copied, copy.rows)?;
                         sqlx::query("RELEASE SAVEPOINT hq_load_page")
                             .execute(&mut *tx)
                             .await
                             .map_err(db_error)?;
                         return Ok(tx);
-                    }
-                    Ok(copied) => {
-                        return Err(Error::permanent(format!(
-                            "snapshot page of {table} in COPY text holds {copied} lines, the listener said {}",
-                            copy.rows
-                        )))
                     }
                     Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
                         sqlx::query("ROLLBACK TO SAVEPOINT hq_load_page")
@@ -895,13 +907,7 @@ async fn insert_page(
                 .await
                 .map_err(db_error)?;
             sink.send(copy.text.into_bytes()).await.map_err(db_error)?;
-            let copied = sink.finish().await.map_err(db_error)?;
-            if copied != copy.rows {
-                return Err(Error::permanent(format!(
-                    "snapshot page of {table} in COPY text holds {copied} lines, the listener said {}",
-                    copy.rows
-                )));
-            }
+            check_copied(&table, sink.finish().await.map_err(db_error)?, copy.rows)?;
             insert_or_upsert(
                 &mut tx,
                 sqlx::query(&upserts.copied_insert).bind(&location),
@@ -1051,19 +1057,6 @@ mod tests {
     use super::*;
     use schemas::wire::CopyRows;
 
-    fn statements(table: &Table) -> Upserts {
-        let target = hq::mirror_table(table);
-        Upserts {
-            json: hq::upsert_into(table, &target),
-            json_insert: hq::insert_into(table, &target),
-            copied: hq::upsert_from_load_page(table, &target),
-            copied_insert: hq::insert_from_load_page(table, &target),
-            create_page: hq::create_load_page(table),
-            target,
-            table: table.clone(),
-        }
-    }
-
     fn copy_page(text: &str) -> PageRows {
         PageRows::Copy(CopyRows {
             columns: ["product_id", "sku", "unit_price", "updated_at"]
@@ -1081,7 +1074,7 @@ mod tests {
         let tx = insert_page(
             pool.clone(),
             "Europe/Berlin".into(),
-            statements(table),
+            Upserts::new(table, &hq::mirror_table(table)),
             "b01".into(),
             table.name.clone(),
             Some(rows),
