@@ -84,6 +84,23 @@ pub fn mtime_text(t: &DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
+/// Feeds everything `r` yields into `h` with a fixed buffer (bounded memory); returns
+/// the bytes read (blocking). The one streaming hash of file contents: the listener's
+/// index and HQ's resumed downloads.
+pub fn hash_into(r: &mut impl std::io::Read, h: &mut sha2::Sha256) -> std::io::Result<u64> {
+    use sha2::Digest;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf)?;
+        if k == 0 {
+            return Ok(n);
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,6 @@ use chrono::{DateTime, Utc};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The `files_ignore` patterns.
@@ -205,18 +204,8 @@ pub fn walk(root: &Path, ignore: &Ignore) -> Walk {
 /// Streams a file through sha256 with a fixed buffer (bounded memory); returns the hex
 /// digest and the bytes read (blocking).
 pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
+    let n = schemas::files::hash_into(&mut std::fs::File::open(path)?, &mut h)?;
     Ok((hex::encode(h.finalize()), n))
 }
 

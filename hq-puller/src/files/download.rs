@@ -75,20 +75,10 @@ fn write_part<B: AsRef<[u8]>>(
     resume: bool,
     mut rx: tokio::sync::mpsc::Receiver<B>,
 ) -> std::io::Result<(Sha256, u64)> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut hasher = Sha256::new();
     let (file, mut total) = if resume {
-        let mut f = std::fs::File::open(part)?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut n = 0u64;
-        loop {
-            let k = f.read(&mut buf)?;
-            if k == 0 {
-                break;
-            }
-            hasher.update(&buf[..k]);
-            n += k as u64;
-        }
+        let n = schemas::files::hash_into(&mut std::fs::File::open(part)?, &mut hasher)?;
         (std::fs::OpenOptions::new().append(true).open(part)?, n)
     } else {
         (std::fs::File::create(part)?, 0)
