@@ -16,6 +16,8 @@ use crate::http::{detached, tolerate_busy, AppState};
 use crate::pull_area::Tick;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use schemas::canonical::{canonical_row, RowHasher, Zone};
@@ -137,7 +139,8 @@ impl Db {
     }
 
     /// Rows of catalogue table `table` after key `after` in key order, at most `limit`,
-    /// as `COPY` text ([`schemas::wire::CopyRows`]) with the key image of the last row;
+    /// as `COPY` text ([`schemas::wire::CopyRows`]) with the key image of the last row
+    /// ([`sql::copy_key_image`]);
     /// `None` on SQLite (the page is served as JSON images).
     pub async fn snapshot_copy(
         &self,
@@ -157,7 +160,20 @@ impl Db {
                 raw_text.extend_from_slice(&chunk?);
             }
         }
-        let (text, rows, last_key) = strip_key_field(&raw_text)?;
+        let bad =
+            |why: &str| Error::Database(format!("branch produced malformed COPY text: {why}"));
+        if raw_text.last().is_some_and(|&b| b != b'\n') {
+            return Err(bad("unterminated line"));
+        }
+        let rows = memchr::memchr_iter(b'\n', &raw_text).count() as u64;
+        let last_key = match raw_text.strip_suffix(b"\n") {
+            Some(body) => {
+                let line = &body[memchr::memrchr(b'\n', body).map_or(0, |i| i + 1)..];
+                Some(sql::copy_key_image(table, line).ok_or_else(|| bad("key fields"))?)
+            }
+            None => None,
+        };
+        let text = String::from_utf8(raw_text).map_err(|_| bad("not UTF-8"))?;
         Ok(Some((
             CopyRows {
                 columns: table.columns.iter().map(|c| c.name.clone()).collect(),
@@ -174,66 +190,6 @@ impl Db {
         tolerate_busy(self.tick_if_new(TICK_PATIENCE).await.map(|_| ()), "tick")?;
         self.newest_tick().await
     }
-}
-
-/// Splits the last field (the key image) off each line of `COPY` text: the lines without
-/// it, their number, and the last line's key image (`COPY`'s escapes undone).
-fn strip_key_field(copy: &[u8]) -> Result<(String, u64, Option<String>)> {
-    let bad = |why: &str| Error::Database(format!("branch produced malformed COPY text: {why}"));
-    let mut out = Vec::with_capacity(copy.len());
-    let mut rows = 0u64;
-    let mut last_key = None;
-    let mut rest = copy;
-    while !rest.is_empty() {
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| bad("unterminated line"))?;
-        let line = &rest[..end];
-        rest = &rest[end + 1..];
-        let tab = line
-            .iter()
-            .rposition(|&b| b == b'\t')
-            .ok_or_else(|| bad("no key field"))?;
-        out.extend_from_slice(&line[..tab]);
-        out.push(b'\n');
-        rows += 1;
-        if rest.is_empty() {
-            last_key = Some(unescape_copy(&line[tab + 1..]).ok_or_else(|| bad("key field"))?);
-        }
-    }
-    let text = String::from_utf8(out).map_err(|_| bad("not UTF-8"))?;
-    Ok((text, rows, last_key))
-}
-
-/// One field of `COPY` text as its value (`None` for `\N` or a malformed escape).
-fn unescape_copy(field: &[u8]) -> Option<String> {
-    if field == b"\\N" {
-        return None;
-    }
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let b = field[i];
-        if b != b'\\' {
-            out.push(b);
-            i += 1;
-            continue;
-        }
-        let e = *field.get(i + 1)?;
-        out.push(match e {
-            b'b' => 8,
-            b'f' => 12,
-            b'n' => b'\n',
-            b'r' => b'\r',
-            b't' => b'\t',
-            b'v' => 11,
-            b'\\' => b'\\',
-            _ => return None,
-        });
-        i += 2;
-    }
-    String::from_utf8(out).ok()
 }
 
 fn raw(s: String) -> Result<Box<RawValue>> {
@@ -276,7 +232,9 @@ pub async fn start(State(state): State<AppState>) -> Result<Json<SnapshotStart>>
 }
 
 /// `GET /v1/snapshot?table=T[&after=KEY]&limit=N`.
-pub async fn page(State(state): State<AppState>, q: Params) -> Result<Json<SnapshotPage>> {
+/// A page whose rows are `COPY` text goes out as [`wire::COPY_PAGE_CONTENT_TYPE`], any
+/// other as JSON.
+pub async fn page(State(state): State<AppState>, q: Params) -> Result<Response> {
     let q = query(q)?;
     let cat = catalogue(&state)?;
     let table = table_param(&q, &cat)?;
@@ -309,7 +267,7 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Json<Snaps
                 let full = rows.rows == u64::from(limit);
                 metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(rows.rows);
                 tracing::debug!(table = %table.name, rows = rows.rows, "served snapshot page (COPY text)");
-                return Ok(SnapshotPage {
+                let body = wire::encode_copy_page(SnapshotPage {
                     protocol: wire::PROTOCOL_VERSION,
                     location: state.config.location.clone(),
                     instance_id: meta.instance_id,
@@ -318,7 +276,9 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Json<Snaps
                     copy: Some(rows),
                     next_after: if full { last_key.map(raw).transpose()? } else { None },
                     head: cursor(meta.instance_id, &head),
-                });
+                })
+                .map_err(|e| Error::Database(format!("encoding a COPY page: {e}")))?;
+                return Ok(([(header::CONTENT_TYPE, wire::COPY_PAGE_CONTENT_TYPE)], body).into_response());
             }
         }
         let rows = state
@@ -340,7 +300,7 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Json<Snaps
         };
         metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(images.len() as u64);
         tracing::debug!(table = %table.name, rows = images.len(), "served snapshot page");
-        Ok(SnapshotPage {
+        Ok(Json(SnapshotPage {
             protocol: wire::PROTOCOL_VERSION,
             location: state.config.location.clone(),
             instance_id: meta.instance_id,
@@ -350,9 +310,9 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Json<Snaps
             next_after,
             head: cursor(meta.instance_id, &head),
         })
+        .into_response())
     })
     .await
-    .map(Json)
 }
 
 /// `GET /v1/checksums?table=T[&after=KEY]&chunk=N&chunks=M`.
@@ -437,18 +397,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn copy_text_loses_its_key_field() {
-        let (text, rows, key) =
-            strip_key_field(b"1\tA\\tb\t{\"k\":1}\n2\t\\N\t{\"k\":\"x\\\\\"y\\ty\"}\n").unwrap();
-        assert_eq!(text, "1\tA\\tb\n2\t\\N\n");
-        assert_eq!(rows, 2);
-        assert_eq!(key.as_deref(), Some("{\"k\":\"x\\\"y\ty\"}"));
-        assert_eq!(strip_key_field(b"").unwrap(), (String::new(), 0, None));
-        assert!(strip_key_field(b"1\t2").is_err());
-        assert!(strip_key_field(b"12\n").is_err());
     }
 
     #[test]

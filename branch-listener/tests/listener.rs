@@ -1619,6 +1619,31 @@ async fn get_json<T: serde::de::DeserializeOwned>(server: &Server, path: &str) -
     serde_json::from_str(&body).with_context(|| body.clone())
 }
 
+/// A snapshot page as HQ reads it: JSON, or a `COPY` page by its content type.
+async fn get_page(server: &Server, path: &str) -> Result<schemas::wire::SnapshotPage> {
+    let resp = server
+        .client
+        .get(format!("{}{path}", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?;
+    let status = resp.status();
+    let copy = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with(schemas::wire::COPY_PAGE_CONTENT_TYPE));
+    let body = resp.bytes().await?.to_vec();
+    if status != 200 {
+        bail!("GET {path}: {status} {}", String::from_utf8_lossy(&body));
+    }
+    if copy {
+        schemas::wire::decode_copy_page(body).map_err(|e| anyhow::anyhow!("GET {path}: {e}"))
+    } else {
+        Ok(serde_json::from_slice(&body)?)
+    }
+}
+
 /// `/v1/snapshot/start` makes T0 and the stream from it holds only later changes;
 /// `/v1/snapshot` pages cover the table in key order with the trigger's exact row
 /// images; `/v1/checksums` chunks hash the canonical rows; bad parameters are 400s
@@ -1682,15 +1707,33 @@ async fn snapshot_pages_and_checksums(backend: Backend) -> Result<()> {
     }
     // format=copy: COPY text on PostgreSQL (the same page, same next key), JSON on
     // SQLite and for _files; other formats are refused.
-    let copy: SnapshotPage =
-        get_json(&server, "/v1/snapshot?table=products&limit=10&format=copy").await?;
-    let json: SnapshotPage = get_json(&server, "/v1/snapshot?table=products&limit=10").await?;
-    assert_eq!(
-        copy.next_after.as_ref().map(|k| k.get().to_string()),
-        json.next_after.as_ref().map(|k| k.get().to_string())
-    );
+    let copy = get_page(&server, "/v1/snapshot?table=products&limit=10&format=copy").await?;
+    let json = get_page(&server, "/v1/snapshot?table=products&limit=10").await?;
     match backend {
         Backend::Pg => {
+            // The next key of a COPY page holds the key values as text; the next page
+            // from it is the JSON one's.
+            assert_eq!(
+                copy.next_after.as_ref().map(|k| k.get()),
+                Some(r#"{"product_id":"10"}"#)
+            );
+            assert_eq!(
+                json.next_after.as_ref().map(|k| k.get()),
+                Some(r#"{"product_id":10}"#)
+            );
+            let from_copy = get_page(
+                &server,
+                "/v1/snapshot?table=products&limit=10&format=copy&after=%7B%22product_id%22%3A%2210%22%7D",
+            )
+            .await?;
+            let from_json = get_page(
+                &server,
+                "/v1/snapshot?table=products&limit=10&format=copy&after=%7B%22product_id%22%3A10%7D",
+            )
+            .await?;
+            let text = |p: &SnapshotPage| p.copy.as_ref().map(|c| c.text.clone());
+            assert_eq!(text(&from_copy), text(&from_json));
+            assert!(text(&from_copy).unwrap().starts_with("11\tsku-11\t"));
             let c = copy.copy.as_ref().expect("COPY text on PostgreSQL");
             assert!(copy.rows.is_empty());
             assert_eq!(c.rows, 10);
@@ -1717,9 +1760,13 @@ async fn snapshot_pages_and_checksums(backend: Backend) -> Result<()> {
         Backend::Sqlite => {
             assert!(copy.copy.is_none());
             assert_eq!(copy.rows.len(), 10);
+            assert_eq!(
+                copy.next_after.as_ref().map(|k| k.get()),
+                json.next_after.as_ref().map(|k| k.get())
+            );
         }
     }
-    let files: SnapshotPage = get_json(&server, "/v1/snapshot?table=_files&format=copy").await?;
+    let files = get_page(&server, "/v1/snapshot?table=_files&format=copy").await?;
     assert!(files.copy.is_none());
     let (status, body) = server
         .get("/v1/snapshot?table=products&format=xml", Some(TOKEN))

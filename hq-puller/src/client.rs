@@ -100,6 +100,11 @@ impl Client {
     /// `GET url` with the token; the body (bounded by [`MAX_BODY_BYTES`]) of a
     /// successful response, or the error mapped to its kind.
     async fn get_body(&self, url: url::Url, timeout: Duration) -> Result<Vec<u8>> {
+        Ok(self.get_typed_body(url, timeout).await?.0)
+    }
+
+    /// [`Client::get_body`] with the response's `Content-Type` (empty when absent).
+    async fn get_typed_body(&self, url: url::Url, timeout: Duration) -> Result<(Vec<u8>, String)> {
         let mut resp = self
             .http
             .get(url)
@@ -109,6 +114,12 @@ impl Client {
             .await
             .map_err(|e| Error::transient(describe(&e)))?;
         let status = resp.status();
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let max = self.max_body_bytes;
         let too_big = |n: u64| {
             Error::permanent(format!(
@@ -141,7 +152,7 @@ impl Client {
             }
             return Err(http_error(status, &body));
         }
-        Ok(body)
+        Ok((body, content_type))
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(
@@ -149,6 +160,18 @@ impl Client {
         path: &str,
         query: &[(&str, String)],
     ) -> Result<(T, u64)> {
+        let body = self
+            .get_body(self.url(path, query)?, self.request_timeout)
+            .await?;
+        let n = body.len() as u64;
+        let v = serde_json::from_slice(&body).map_err(|e| {
+            Error::permanent(format!("listener sent a malformed {path} response: {e}"))
+        })?;
+        Ok((v, n))
+    }
+
+    /// `path` under the listener's base URL with `query`.
+    fn url(&self, path: &str, query: &[(&str, String)]) -> Result<url::Url> {
         let mut url = self
             .base
             .join(path)
@@ -159,12 +182,7 @@ impl Client {
                 q.append_pair(k, v);
             }
         }
-        let body = self.get_body(url, self.request_timeout).await?;
-        let n = body.len() as u64;
-        let v = serde_json::from_slice(&body).map_err(|e| {
-            Error::permanent(format!("listener sent a malformed {path} response: {e}"))
-        })?;
-        Ok((v, n))
+        Ok(url)
     }
 
     /// `GET /v1/snapshot/start`: T0 and the tables.
@@ -189,7 +207,19 @@ impl Client {
         if let Some(a) = after {
             q.push(("after", a.to_string()));
         }
-        self.get_json("v1/snapshot", &q).await
+        let path = "v1/snapshot";
+        let (body, content_type) = self
+            .get_typed_body(self.url(path, &q)?, self.request_timeout)
+            .await?;
+        let n = body.len() as u64;
+        let malformed =
+            |e: String| Error::permanent(format!("listener sent a malformed {path} response: {e}"));
+        let page = if content_type.starts_with(schemas::wire::COPY_PAGE_CONTENT_TYPE) {
+            schemas::wire::decode_copy_page(body).map_err(malformed)?
+        } else {
+            serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))?
+        };
+        Ok((page, n))
     }
 
     /// `GET /v1/checksums?table=..&after=..&chunk=..&chunks=..`.

@@ -27,7 +27,7 @@ pub fn statement(target: &str, columns: &[String]) -> String {
 
 /// The page's lines for [`statement`], or `None` when the page must go through the
 /// temporary table (see the module documentation).
-pub fn direct_text(table: &Table, copy: &CopyRows, location: &str) -> Option<String> {
+pub fn direct_text(table: &Table, copy: &CopyRows, location: &str) -> Option<Vec<u8>> {
     let mut numeric: Vec<Option<(u8, u8)>> = Vec::with_capacity(copy.columns.len());
     for name in &copy.columns {
         match table.column(name)?.ty {
@@ -36,29 +36,47 @@ pub fn direct_text(table: &Table, copy: &CopyRows, location: &str) -> Option<Str
             _ => numeric.push(None),
         }
     }
+    let checked = numeric.iter().rposition(Option::is_some);
     let prefix = escape(location);
-    let mut out = String::with_capacity(copy.text.len() + copy.rows as usize * (prefix.len() + 6));
-    for line in copy.text.split_terminator('\n') {
-        let mut fields = 0;
-        for (i, field) in line.split('\t').enumerate() {
-            fields += 1;
-            match numeric.get(i) {
-                Some(Some((p, s))) => {
-                    if !numeric_fits(field, *p, *s) {
-                        return None;
-                    }
+    let text = copy.text.as_bytes();
+    let mut out = Vec::with_capacity(text.len() + copy.rows as usize * (prefix.len() + 6));
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', text) {
+        let line = &text[start..end];
+        start = end + 1;
+        // Fields up to the last numeric one are checked one by one; the rest only counted.
+        let mut tabs = memchr::memchr_iter(b'\t', line);
+        let mut consumed = 0;
+        let mut field_start = 0;
+        for (i, fits) in numeric
+            .iter()
+            .enumerate()
+            .take(checked.map_or(0, |l| l + 1))
+        {
+            let field_end = if i + 1 < numeric.len() {
+                consumed += 1;
+                tabs.next()?
+            } else {
+                line.len()
+            };
+            if let Some((p, s)) = fits {
+                if !numeric_fits(&line[field_start..field_end], *p, *s) {
+                    return None;
                 }
-                Some(None) => {}
-                None => return None,
             }
+            field_start = field_end + 1;
         }
+        let fields = consumed + tabs.count() + 1;
         if fields != numeric.len() {
             return None;
         }
-        out.push_str(&prefix);
-        out.push('\t');
-        out.push_str(line);
-        out.push_str("\t0\tf\n");
+        out.extend_from_slice(prefix.as_bytes());
+        out.push(b'\t');
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\t0\tf\n");
+    }
+    if start != text.len() {
+        return None;
     }
     Some(out)
 }
@@ -80,21 +98,24 @@ fn escape(s: &str) -> String {
 
 /// `field` is `\N` or a plain decimal (`-?digits[.digits]`) equal to itself rounded to
 /// `scale` digits and below `10^(precision - scale)` in magnitude.
-fn numeric_fits(field: &str, precision: u8, scale: u8) -> bool {
-    if field == "\\N" {
+fn numeric_fits(field: &[u8], precision: u8, scale: u8) -> bool {
+    if field == b"\\N" {
         return true;
     }
-    let body = field.strip_prefix('-').unwrap_or(field);
-    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let body = field.strip_prefix(b"-").unwrap_or(field);
+    let (int, frac, dot) = match memchr::memchr(b'.', body) {
+        Some(i) => (&body[..i], &body[i + 1..], true),
+        None => (body, &body[..0], false),
+    };
     if int.is_empty()
-        || !int.bytes().all(|b| b.is_ascii_digit())
-        || !frac.bytes().all(|b| b.is_ascii_digit())
-        || (body.contains('.') && frac.is_empty())
+        || !int.iter().all(u8::is_ascii_digit)
+        || !frac.iter().all(u8::is_ascii_digit)
+        || (dot && frac.is_empty())
     {
         return false;
     }
-    let int_digits = int.trim_start_matches('0').len();
-    let frac_digits = frac.trim_end_matches('0').len();
+    let int_digits = int.len() - int.iter().take_while(|&&b| b == b'0').count();
+    let frac_digits = frac.len() - frac.iter().rev().take_while(|&&b| b == b'0').count();
     int_digits <= usize::from(precision.saturating_sub(scale)) && frac_digits <= usize::from(scale)
 }
 
@@ -129,9 +150,9 @@ mod tests {
             ("--1", false),
             ("+1", false),
         ] {
-            assert_eq!(numeric_fits(v, 12, 2), fits, "{v}");
+            assert_eq!(numeric_fits(v.as_bytes(), 12, 2), fits, "{v}");
         }
-        assert!(numeric_fits("0.99", 2, 2) && !numeric_fits("1.00", 2, 2));
+        assert!(numeric_fits(b"0.99", 2, 2) && !numeric_fits(b"1.00", 2, 2));
     }
 
     #[test]
@@ -144,7 +165,7 @@ mod tests {
         );
         assert_eq!(
             direct_text(t, &p, "b\\01").unwrap(),
-            "b\\\\01\t1\ta\\tb\t19.90\t0\tf\nb\\\\01\t2\t\\N\t\\N\t0\tf\n"
+            b"b\\\\01\t1\ta\\tb\t19.90\t0\tf\nb\\\\01\t2\t\\N\t\\N\t0\tf\n"
         );
         assert_eq!(
             statement("hq.\"products\"", &p.columns),
@@ -154,6 +175,16 @@ mod tests {
         assert!(direct_text(t, &page(&["product_id", "unit_price"], "1\t1.505\n"), "b").is_none());
         assert!(direct_text(t, &page(&["product_id"], "1\t2\n"), "b").is_none());
         assert!(direct_text(t, &page(&["product_id", "sku"], "1\n"), "b").is_none());
+        // A numeric before other fields: checked, the rest counted.
+        let mid = ["product_id", "unit_price", "sku"];
+        assert!(direct_text(t, &page(&mid, "1\t19.90\tx\n"), "b").is_some());
+        assert!(direct_text(t, &page(&mid, "1\t19.90\tx\ty\n"), "b").is_none());
+        assert!(direct_text(t, &page(&mid, "1\t19.90\n"), "b").is_none());
+        assert!(direct_text(t, &page(&mid, "1\t19.905\tx\n"), "b").is_none());
+        assert!(
+            direct_text(t, &page(&mid, "1\t19.90\tx"), "b").is_none(),
+            "unterminated"
+        );
         let blob = Table {
             name: "x".into(),
             primary_key: vec!["k".into()],

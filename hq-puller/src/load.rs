@@ -874,7 +874,7 @@ async fn insert_page(
                     .copy_in_raw(&crate::copy_page::statement(&upserts.target, &copy.columns))
                     .await
                     .map_err(db_error)?;
-                sink.send(text.into_bytes()).await.map_err(db_error)?;
+                sink.send(text).await.map_err(db_error)?;
                 match sink.finish().await {
                     Ok(copied) => {
                         check_copied(&table, copied, copy.rows)?;

@@ -210,6 +210,51 @@ pub struct SnapshotPage {
 /// `format` value of `/v1/snapshot` asking for [`CopyRows`].
 pub const SNAPSHOT_FORMAT_COPY: &str = "copy";
 
+/// `Content-Type` of a snapshot page whose rows are `COPY` text ([`encode_copy_page`]):
+/// the page as one line of JSON with `copy.text` empty, a newline, then the `COPY`
+/// text as it is. Carrying the text outside the JSON spares both ends escaping and
+/// unescaping every tab and backslash of it.
+pub const COPY_PAGE_CONTENT_TYPE: &str = "application/vnd.branch-sync.copy-page";
+
+/// The body of a `COPY` text page ([`COPY_PAGE_CONTENT_TYPE`]); `page.copy` must be set.
+pub fn encode_copy_page(mut page: SnapshotPage) -> Result<Vec<u8>, serde_json::Error> {
+    let text = page
+        .copy
+        .as_mut()
+        .map(|c| std::mem::take(&mut c.text))
+        .unwrap_or_default();
+    let mut out = serde_json::to_vec(&page)?;
+    out.reserve(text.len() + 1);
+    out.push(b'\n');
+    out.extend_from_slice(text.as_bytes());
+    Ok(out)
+}
+
+/// Reads a body made by [`encode_copy_page`]: the page, with `copy.text` the text after
+/// the first line. The error says what is wrong (no header line, bad JSON, no `copy`,
+/// text that is not UTF-8).
+pub fn decode_copy_page(mut body: Vec<u8>) -> Result<SnapshotPage, String> {
+    let nl = body
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("no header line")?;
+    let mut page: SnapshotPage =
+        serde_json::from_slice(&body[..nl]).map_err(|e| format!("header line: {e}"))?;
+    body.drain(..=nl);
+    let text = String::from_utf8(body).map_err(|e| {
+        format!(
+            "COPY text is not UTF-8 (at byte {})",
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    match page.copy.as_mut() {
+        Some(c) if c.text.is_empty() => c.text = text,
+        Some(_) => return Err("header line carries COPY text itself".into()),
+        None => return Err("header line has no copy".into()),
+    }
+    Ok(page)
+}
+
 /// A snapshot page's rows in PostgreSQL's `COPY ... TO STDOUT` text format: one line per
 /// row, fields separated by tabs, `\N` for NULL, backslash escapes. The values are those
 /// of the row image: numerics and reals as PostgreSQL prints them (`-0` as `0`),
@@ -252,6 +297,64 @@ pub struct ChecksumsResponse {
 
 #[cfg(test)]
 mod tests {
+
+    fn copy_page(text: &str) -> SnapshotPage {
+        SnapshotPage {
+            protocol: PROTOCOL_VERSION,
+            location: "b01".into(),
+            instance_id: Uuid::nil(),
+            table: "products".into(),
+            rows: Vec::new(),
+            copy: Some(CopyRows {
+                columns: vec!["product_id".into(), "sku".into()],
+                rows: text.lines().count() as u64,
+                text: text.into(),
+            }),
+            next_after: Some(RawValue::from_string(r#"{"product_id":"2"}"#.into()).unwrap()),
+            head: "00000000-0000-0000-0000-000000000000:7:00000000-0000-0000-0000-000000000001"
+                .parse()
+                .unwrap(),
+        }
+    }
+
+    #[test]
+    fn copy_pages_carry_their_text_outside_the_json() {
+        let text = "1\ta\\tb \u{e9}\n2\t\\N\n";
+        let body = encode_copy_page(copy_page(text)).unwrap();
+        let nl = body.iter().position(|&b| b == b'\n').unwrap();
+        assert!(body.ends_with(text.as_bytes()));
+        assert_eq!(
+            nl + 1 + text.len(),
+            body.len(),
+            "the text follows the header as it is"
+        );
+        let back = decode_copy_page(body).unwrap();
+        let c = back.copy.unwrap();
+        assert_eq!((c.text.as_str(), c.rows), (text, 2));
+        assert_eq!(back.next_after.unwrap().get(), r#"{"product_id":"2"}"#);
+        let empty = decode_copy_page(encode_copy_page(copy_page("")).unwrap()).unwrap();
+        assert_eq!(empty.copy.unwrap().rows, 0);
+        for (body, why) in [
+            (b"{}".to_vec(), "no header line"),
+            (b"{\n1\n".to_vec(), "header line"),
+            (
+                [
+                    &encode_copy_page(copy_page("1\ta\n")).unwrap()[..],
+                    b"\xff\n",
+                ]
+                .concat(),
+                "not UTF-8",
+            ),
+        ] {
+            let e = decode_copy_page(body).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        let mut no_copy = copy_page("");
+        no_copy.copy = None;
+        let e = decode_copy_page(encode_copy_page(no_copy).unwrap()).unwrap_err();
+        assert!(e.contains("no copy"), "{e}");
+    }
+
     use super::*;
 
     #[test]

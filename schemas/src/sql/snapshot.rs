@@ -137,12 +137,11 @@ fn pg_e_lit(s: &str) -> String {
 
 /// A page of a PostgreSQL branch table as `COPY (...) TO STDOUT` text (the `format=copy`
 /// page, [`crate::wire::CopyRows`]): the catalogue columns in catalogue order with the
-/// values of the row image (blobs as hex, reals with `-0` as `0` like `to_jsonb`), then
-/// the key image (JSON, as [`postgres_page`] returns it) as a last field, which the
-/// listener strips. `COPY` takes no parameters: `after` (a JSON object already checked)
-/// and `limit` are inlined, `after` as an escaped literal.
+/// values of the row image (blobs as hex, reals with `-0` as `0` like `to_jsonb`). The
+/// listener takes the next page's `after` from the key fields of the last line
+/// ([`copy_key_image`]). `COPY` takes no parameters: `after` (a JSON object already
+/// checked) and `limit` are inlined, `after` as an escaped literal.
 pub fn postgres_copy_page(table: &Table, after: Option<&str>, limit: u32) -> String {
-    let ks: Vec<&str> = table.primary_key.iter().map(String::as_str).collect();
     let cols: Vec<String> = table
         .columns
         .iter()
@@ -164,12 +163,62 @@ pub fn postgres_copy_page(table: &Table, after: Option<&str>, limit: u32) -> Str
         None => String::new(),
     };
     format!(
-        "COPY (SELECT {cols}, ({pk})::text FROM {tbl} AS t {filter} ORDER BY {order} LIMIT {limit}) TO STDOUT",
+        "COPY (SELECT {cols} FROM {tbl} AS t {filter} ORDER BY {order} LIMIT {limit}) TO STDOUT",
         cols = cols.join(", "),
-        pk = postgres::json_row("t", table, &ks),
         tbl = q(&table.name),
         order = pg_order("t", table),
     )
+}
+
+/// The key image (`after` of the next page) of one line of a [`postgres_copy_page`]:
+/// a JSON object of the key columns, each value the field's text with `COPY`'s escapes
+/// undone, as a JSON string. The page statements read key values with `->>` and cast
+/// them to the column's type, so a string holding PostgreSQL's own output of the value
+/// selects exactly the rows after it. `None` when the line is malformed (too few fields,
+/// a bad escape, a NULL key).
+pub fn copy_key_image(table: &Table, line: &[u8]) -> Option<String> {
+    let fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
+    if fields.len() != table.columns.len() {
+        return None;
+    }
+    let mut key = serde_json::Map::new();
+    for k in &table.primary_key {
+        let i = table.columns.iter().position(|c| &c.name == k)?;
+        key.insert(
+            k.clone(),
+            serde_json::Value::String(unescape_copy(fields[i])?),
+        );
+    }
+    Some(serde_json::Value::Object(key).to_string())
+}
+
+/// One field of `COPY` text as its value (`None` for `\N` or a malformed escape).
+fn unescape_copy(field: &[u8]) -> Option<String> {
+    if field == b"\\N" {
+        return None;
+    }
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let b = field[i];
+        if b != b'\\' {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        out.push(match *field.get(i + 1)? {
+            b'b' => 8,
+            b'f' => 12,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'v' => 11,
+            b'\\' => b'\\',
+            _ => return None,
+        });
+        i += 2;
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Live rows of one location in `target` (`hq.<t>` or a staging table) whose key is
@@ -301,6 +350,18 @@ mod tests {
             "{c}"
         );
         assert_eq!(pg_e_lit(r"a'b\c"), r"E'a''b\\c'");
+        // The next page's `after` from the last line: key fields as JSON strings.
+        assert!(!c.contains("row_to_json"), "no key image per row: {c}");
+        let img = copy_key_image(&text_key, b"x\\ty\\\\z\t42");
+        assert_eq!(img.as_deref(), Some(r#"{"a":"x\ty\\z","b":"42"}"#));
+        assert_eq!(copy_key_image(&text_key, b"\\N\t1"), None, "NULL key");
+        assert_eq!(copy_key_image(&text_key, b"a"), None, "a field short");
+        assert_eq!(
+            copy_key_image(&text_key, b"a\t1\t2"),
+            None,
+            "a field too many"
+        );
+        assert_eq!(copy_key_image(&text_key, b"a\\q\t1"), None, "bad escape");
         let p = postgres_page(&text_key, true);
         assert!(
             p.contains("ORDER BY (t.\"a\" COLLATE \"C\"), t.\"b\""),

@@ -169,7 +169,10 @@ fn puller(bins: &Path, cfg: &Path, args: &[&str]) -> Result<(bool, String)> {
         .args(args)
         .arg("--config")
         .arg(cfg)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOAD_PULLER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stderr(Stdio::inherit())
         .output()?;
     Ok((
@@ -305,7 +308,12 @@ async fn main() -> Result<()> {
         ours.push(load_s);
         dumps.push(dump_s);
         verifies.push(verify_s);
+        let branch_url = b.url.clone();
         drop(b);
+        // Freed as we go: disk, and no autovacuum of old databases during the next rep.
+        for url in [&target, &hq_url, &branch_url] {
+            tests::bench::drop_database(url).await;
+        }
     }
     let rows = args.rows as f64;
     let (o, omin, omax) = median(ours);
