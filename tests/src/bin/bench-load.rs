@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     writers: usize,
     /// hq-puller's `snapshot_page_rows`.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 50_000)]
     page_rows: u32,
     /// Folder with the release binaries (default: next to this executable).
     #[arg(long)]
