@@ -86,9 +86,7 @@ impl Client {
         }
         let timeout = self.request_timeout + Duration::from_secs(u64::from(wait.unwrap_or(0)));
         let body = self.get_body(url, timeout).await?;
-        let response: ChangesResponse = serde_json::from_slice(&body).map_err(|e| {
-            Error::permanent(format!("listener sent a malformed changes response: {e}"))
-        })?;
+        let response: ChangesResponse = parse_json("changes", &body)?;
         Ok(Fetched {
             response,
             bytes: body.len() as u64,
@@ -163,11 +161,7 @@ impl Client {
         let body = self
             .get_body(self.url(path, query)?, self.request_timeout)
             .await?;
-        let n = body.len() as u64;
-        let v = serde_json::from_slice(&body).map_err(|e| {
-            Error::permanent(format!("listener sent a malformed {path} response: {e}"))
-        })?;
-        Ok((v, n))
+        Ok((parse_json(path, &body)?, body.len() as u64))
     }
 
     /// `path` under the listener's base URL with `query`.
@@ -212,12 +206,10 @@ impl Client {
             .get_typed_body(self.url(path, &q)?, self.request_timeout)
             .await?;
         let n = body.len() as u64;
-        let malformed =
-            |e: String| Error::permanent(format!("listener sent a malformed {path} response: {e}"));
         let page = if content_type.starts_with(schemas::wire::COPY_PAGE_CONTENT_TYPE) {
-            schemas::wire::decode_copy_page(body).map_err(malformed)?
+            schemas::wire::decode_copy_page(body).map_err(|e| malformed(path, e))?
         } else {
-            serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))?
+            parse_json(path, &body)?
         };
         Ok((page, n))
     }
@@ -256,6 +248,16 @@ impl Client {
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
     }
+}
+
+/// The error of a response body that is not what `path` answers.
+fn malformed(path: &str, e: impl std::fmt::Display) -> Error {
+    Error::permanent(format!("listener sent a malformed {path} response: {e}"))
+}
+
+/// A JSON response body of `path`.
+fn parse_json<T: serde::de::DeserializeOwned>(path: &str, body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| malformed(path, e))
 }
 
 /// A short description of a transport error: what failed, where (URL without query),

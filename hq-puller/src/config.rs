@@ -156,8 +156,8 @@ fn default_files_gc_min_age() -> Duration {
     Duration::from_secs(24 * 3600)
 }
 /// Rows per snapshot page: larger pages cost fewer round trips and commits (a 1,000,000-
-/// row load took 2.7 s in pages of 20,000 and 2.3 s in pages of 50,000 on the benchmark
-/// machine); a page is held about four times over per loading location (two inserting,
+/// row load took 2.7 s in pages of 20,000 and 2.3 s in pages of 50,000, repeated runs
+/// against the test cluster; `tests/bench/notes/load.md`); a page is held about four times over per loading location (two inserting,
 /// one fetched ahead, one being fetched).
 fn default_snapshot_page_rows() -> u32 {
     50_000

@@ -485,7 +485,6 @@ async fn resync_inner(app: &App, loc: &Location) -> Result<Loaded> {
     })
 }
 
-/// Fetches one page (run as a task so that the next page downloads while one applies).
 /// Fetches the pages of `table` from `after` on, in order, into `pages`, until a page
 /// ends the table, a fetch fails (its error is the last item) or the receiver is gone.
 async fn fetch_ahead(
@@ -559,7 +558,7 @@ async fn load_pages(
     let mut progress = Progress::new(&loc.id, what);
     for (ti, table) in tables.iter().enumerate().skip(first) {
         let upserts = Upserts::new(table, &targets[ti]);
-        let mut after = if ti == first {
+        let after = if ti == first {
             row.last_key.clone()
         } else {
             None
@@ -571,7 +570,7 @@ async fn load_pages(
         let mut next = Some(tokio::spawn(fetch_ahead(
             client.clone(),
             table.name.clone(),
-            after.take(),
+            after,
             page_rows,
             tx_pages,
         )));

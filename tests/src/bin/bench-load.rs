@@ -17,6 +17,9 @@
 //!   cargo build --release -p tests --bin bench-load -p branch-listener -p hq-puller
 //!   export TEST_PG_URL=$(tests/pg.sh ensure)
 //!   target/release/bench-load [--rows 1000000] [--reps 3] [--writers 0]
+//!
+//! `BENCH_LOAD_PULLER_LOG` sets hq-puller's `RUST_LOG` (default `warn`; `info` shows the
+//! load's progress and rate).
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
