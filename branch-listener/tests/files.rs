@@ -432,6 +432,46 @@ async fn files_endpoint_and_watcher_task() -> Result<()> {
     server.stop().await
 }
 
+/// A file longer than what is read in one piece (4 MiB) is streamed: whole, and by a
+/// range starting past the first streamed chunk and ending inside a later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_files_are_streamed_whole_and_by_range() -> Result<()> {
+    let b = branch(false).await?;
+    let content: Vec<u8> = (0..(5 * 1024 * 1024 + 7u32))
+        .map(|i| (i % 253) as u8)
+        .collect();
+    write_old(&b.files.join("long.bin"), &content);
+    let server = Server::start(&b.config).await?;
+    eventually(20, "the start scan indexes the file", || async {
+        indexed(&b).await.len() == 1
+    })
+    .await?;
+    let url = format!("/v1/files/{}", sha(&content));
+    let (status, headers, body) = server.get(&url, Some(TOKEN), None).await?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers["content-length"],
+        content.len().to_string().as_str()
+    );
+    assert!(body == content, "the whole file, byte for byte");
+    let (a, z) = (1_500_000, 4_800_000);
+    let (status, headers, body) = server
+        .get(&url, Some(TOKEN), Some(&format!("bytes={a}-")))
+        .await?;
+    assert_eq!(status, 206);
+    assert!(body == content[a..], "the tail from {a}");
+    assert_eq!(
+        headers["content-range"],
+        format!("bytes {a}-{}/{}", content.len() - 1, content.len()).as_str()
+    );
+    let (status, _, body) = server
+        .get(&url, Some(TOKEN), Some(&format!("bytes=0-{z}")))
+        .await?;
+    assert_eq!(status, 206);
+    assert!(body == content[..=z], "the head to {z}");
+    server.stop().await
+}
+
 /// A pull area of layout 1 (before the file index) is upgraded by `install`: the index
 /// table and its capture appear, the instance and history are kept, file events flow.
 async fn older_layout_is_upgraded(pg: bool) -> Result<()> {

@@ -1,6 +1,7 @@
-//! `GET /v1/files/{sha256}`: the current content of an indexed file, streamed from disk
-//! (bounded memory), with single-range `Range` support (206 + `Content-Range`, 416 when
-//! unsatisfiable).
+//! `GET /v1/files/{sha256}`: the current content of an indexed file, with single-range
+//! `Range` support (206 + `Content-Range`, 416 when unsatisfiable). A part of up to
+//! [`READ_WHOLE`] bytes (a typical image) is found, checked and read in one blocking
+//! call; a longer one is streamed from disk with bounded memory.
 //!
 //! The file is looked up in the index by its sha256, opened, and served only if it is
 //! still a regular file inside `files_dir` with the indexed size; otherwise (changed
@@ -10,12 +11,11 @@
 use super::index;
 use crate::error::{Error, Result};
 use crate::http::AppState;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::io::SeekFrom;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// A parsed `Range` header against a file of `size` bytes.
 #[derive(Debug, PartialEq, Eq)]
@@ -69,41 +69,117 @@ pub fn parse_range(value: Option<&str>, size: u64) -> Range {
     }
 }
 
-/// Opens the indexed file with this content, if one is still as indexed.
-async fn open(state: &AppState, sha256: &str) -> Result<(tokio::fs::File, u64)> {
-    let not_found = || Error::FileNotFound(sha256.to_string());
-    let Some(root) = state.config.files_dir.clone() else {
-        return Err(not_found());
-    };
-    let db = state.db.clone();
-    let sha = sha256.to_string();
-    let candidates = tokio::spawn(async move { index::by_sha256(&db, &sha).await })
-        .await
-        .map_err(|e| Error::Database(format!("request task failed: {e}")))??;
-    let Ok(canonical_root) = tokio::fs::canonicalize(&root).await else {
-        return Err(not_found());
-    };
+/// A served part of a file at most this long is read in one blocking call and sent as
+/// one body (a typical image); longer ones are streamed in [`STREAM_CHUNK`] reads.
+const READ_WHOLE: u64 = 4 << 20;
+
+/// Read size of a streamed file.
+const STREAM_CHUNK: usize = 1 << 20;
+
+/// Streamed chunks read ahead of the network (bounded memory: a few MiB per download).
+const STREAM_AHEAD: usize = 4;
+
+/// The served part of a file.
+#[derive(Clone, Copy)]
+struct Part {
+    start: u64,
+    len: u64,
+    size: u64,
+    /// Answered with 206 and `Content-Range` (the request asked for a range).
+    partial: bool,
+}
+
+/// What is served for a request, found and read by one blocking call.
+enum Served {
+    Unsatisfiable { size: u64 },
+    Whole { part: Part, bytes: Vec<u8> },
+    Stream { part: Part, file: std::fs::File },
+}
+
+/// Opens the first candidate (indexed path with this content) that is still a regular
+/// file inside `root` with its indexed size, and reads the requested part when it is
+/// short. Blocking: one call per request, not one round trip per file operation.
+fn open_and_read(
+    root: &std::path::Path,
+    candidates: Vec<(String, i64)>,
+    range: Option<&str>,
+) -> Option<std::io::Result<Served>> {
+    use std::io::{Read, Seek};
+    let canonical_root = std::fs::canonicalize(root).ok()?;
     for (path, size) in candidates {
         if schemas::files::check_path(&path).is_err() {
             continue;
         }
         let abs = root.join(&path);
         // A symlink swapped in after indexing must not lead outside files_dir.
-        match tokio::fs::canonicalize(&abs).await {
+        match std::fs::canonicalize(&abs) {
             Ok(real) if real.starts_with(&canonical_root) => {}
             _ => continue,
         }
-        let Ok(file) = tokio::fs::File::open(&abs).await else {
+        let Ok(mut file) = std::fs::File::open(&abs) else {
             continue;
         };
-        let Ok(meta) = file.metadata().await else {
+        let Ok(meta) = file.metadata() else {
             continue;
         };
-        if meta.is_file() && i64::try_from(meta.len()).ok() == Some(size) {
-            return Ok((file, meta.len()));
+        if !meta.is_file() || i64::try_from(meta.len()).ok() != Some(size) {
+            continue;
         }
+        let size = meta.len();
+        let part = match parse_range(range, size) {
+            Range::Full => Part {
+                start: 0,
+                len: size,
+                size,
+                partial: false,
+            },
+            Range::Part(a, b) => Part {
+                start: a,
+                len: b - a + 1,
+                size,
+                partial: true,
+            },
+            Range::Unsatisfiable => return Some(Ok(Served::Unsatisfiable { size })),
+        };
+        let read = || -> std::io::Result<Served> {
+            if part.start > 0 {
+                file.seek(SeekFrom::Start(part.start))?;
+            }
+            if part.len > READ_WHOLE {
+                return Ok(Served::Stream { part, file });
+            }
+            let mut bytes = Vec::with_capacity(part.len as usize);
+            (&mut file).take(part.len).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 != part.len {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(Served::Whole { part, bytes })
+        };
+        return Some(read());
     }
-    Err(not_found())
+    None
+}
+
+/// A long file's body: read by a blocking task in [`STREAM_CHUNK`]s, [`STREAM_AHEAD`]
+/// of them ahead of the network. A read error ends the body early (HQ sees a short
+/// download and resumes it).
+fn stream_body(mut file: std::fs::File, len: u64) -> Body {
+    use std::io::Read;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(STREAM_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(STREAM_CHUNK as u64);
+            let mut buf = vec![0; n as usize];
+            let r = file.read_exact(&mut buf).map(|_| Bytes::from(buf));
+            let failed = r.is_err();
+            if tx.blocking_send(r).is_err() || failed {
+                return;
+            }
+            left -= n;
+        }
+    });
+    Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 
 pub async fn get_file(
@@ -116,30 +192,49 @@ pub async fn get_file(
             "sha256: expected 64 lowercase hex characters".into(),
         ));
     }
-    let (mut file, size) = open(&state, &sha256).await?;
-    let range = parse_range(
-        headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
-        size,
-    );
-    let (status, start, len) = match range {
-        Range::Full => (StatusCode::OK, 0, size),
-        Range::Part(a, b) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
-        Range::Unsatisfiable => {
+    let not_found = || Error::FileNotFound(sha256.clone());
+    let Some(root) = state.config.files_dir.clone() else {
+        return Err(not_found());
+    };
+    let db = state.db.clone();
+    let sha = sha256.clone();
+    let candidates = tokio::spawn(async move { index::by_sha256(&db, &sha).await })
+        .await
+        .map_err(|e| Error::Database(format!("request task failed: {e}")))??;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let served =
+        tokio::task::spawn_blocking(move || open_and_read(&root, candidates, range.as_deref()))
+            .await
+            .map_err(|e| Error::Io(format!("file read task failed: {e}")))?
+            .ok_or_else(not_found)?
+            .map_err(|e| Error::Io(format!("reading a served file: {e}")))?;
+    let (part, body) = match served {
+        Served::Unsatisfiable { size } => {
             return Ok((
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 [(header::CONTENT_RANGE, format!("bytes */{size}"))],
             )
                 .into_response())
         }
+        Served::Whole { part, bytes } => (part, Body::from(bytes)),
+        Served::Stream { part, file } => (part, stream_body(file, part.len)),
     };
-    if start > 0 {
-        file.seek(SeekFrom::Start(start))
-            .await
-            .map_err(|e| Error::Io(format!("seeking a served file: {e}")))?;
-    }
+    let Part {
+        start,
+        len,
+        size,
+        partial,
+    } = part;
+    let status = if partial {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
     metrics::counter!(crate::metrics::FILES_SERVED_BYTES_TOTAL).increment(len);
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 * 1024);
-    let mut resp = Response::new(Body::from_stream(stream));
+    let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(

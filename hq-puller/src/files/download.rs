@@ -10,6 +10,7 @@ use super::Store;
 use crate::client::{describe, http_error, Client};
 use crate::error::{Error, Result};
 use crate::metrics as m;
+use bytes::Bytes;
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -36,8 +37,8 @@ enum Attempt {
     Throttled(std::time::Duration),
 }
 
-/// Write buffer of a download's writer thread: the network delivers chunks of a few
-/// KiB; they are gathered into one write per 512 KiB (a typical image is one write).
+/// The network delivers chunks of a few KiB; they are gathered into one `writev` per
+/// 512 KiB (a typical image is one write).
 const WRITE_BUFFER: usize = 512 * 1024;
 
 /// Write-behind for large files: every [`WRITE_BEHIND`] bytes written, an `fdatasync`
@@ -65,49 +66,126 @@ fn join_behind(behind: &mut Behind) -> std::io::Result<()> {
     }
 }
 
-/// The blocking half of one download attempt (one thread per download, so a file costs
-/// no round trips between the runtime and the blocking pool per write): opens `part`
-/// (appending after the bytes already there when `resume`, which are hashed first),
-/// then hashes and writes every chunk received until the channel closes, with
-/// write-behind, and fsyncs the file. Returns the hash state and the file's length.
-fn write_part<B: AsRef<[u8]>>(
+/// A download of at most this many bytes is gathered in memory and written by one
+/// blocking call (a typical image); a longer one streams through a writer thread.
+const GATHER_MAX: u64 = 2 << 20;
+
+/// Chunks queued between a streamed download's writer and its hasher thread.
+const HASHER_QUEUE: usize = 16;
+
+/// The blocking half of one download attempt: opens `part` (appending after the bytes
+/// already there when `resume`, which are hashed first), then hashes and writes every
+/// chunk, with write-behind, and fsyncs the file. With `hash_apart` (a long download)
+/// a thread of its own hashes while this one writes, so a single large file is not
+/// limited by one core doing both. Returns the hash state and the file's length.
+fn write_part(
     part: &Path,
     resume: bool,
-    mut rx: tokio::sync::mpsc::Receiver<B>,
+    chunks: impl Iterator<Item = Bytes>,
+    hash_apart: bool,
 ) -> std::io::Result<(Sha256, u64)> {
-    use std::io::Write;
     let mut hasher = Sha256::new();
     let (file, mut total) = if resume {
         let n = schemas::files::hash_into(&mut std::fs::File::open(part)?, &mut hasher)?;
         (std::fs::OpenOptions::new().append(true).open(part)?, n)
     } else {
-        (std::fs::File::create(part)?, 0)
+        (create_file(part)?, 0)
     };
-    let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    let (to_hasher, hashed, mut hasher) = if hash_apart {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(HASHER_QUEUE);
+        let h = std::thread::spawn(move || {
+            for c in rx {
+                hasher.update(&c);
+            }
+            hasher
+        });
+        (Some(tx), Some(h), None)
+    } else {
+        (None, None, Some(hasher))
+    };
+    let mut out = Gather::new(file);
     let mut mark = total;
     let mut behind: Behind = None;
     let r = (|| {
-        while let Some(chunk) = rx.blocking_recv() {
-            let chunk = chunk.as_ref();
-            hasher.update(chunk);
-            out.write_all(chunk)?;
+        for chunk in chunks {
+            match (&to_hasher, &mut hasher) {
+                (Some(tx), _) => {
+                    // The hasher ends only when the sender is dropped.
+                    let _ = tx.send(chunk.clone());
+                }
+                (None, Some(h)) => h.update(&chunk),
+                (None, None) => unreachable!("one of the two hashes"),
+            }
             total += chunk.len() as u64;
+            out.push(chunk)?;
             if total - mark >= WRITE_BEHIND && behind.as_ref().is_none_or(|h| h.is_finished()) {
                 join_behind(&mut behind)?;
                 out.flush()?;
-                let clone = out.get_ref().try_clone()?;
+                let clone = out.file.try_clone()?;
                 behind = Some(std::thread::spawn(move || clone.sync_data()));
                 mark = total;
             }
         }
         out.flush()
     })();
+    drop(to_hasher);
+    let hasher = match hashed {
+        Some(h) => h
+            .join()
+            .map_err(|_| std::io::Error::other("hasher thread panicked"))?,
+        None => hasher.expect("hashed here"),
+    };
     // Always joined: its error must not be lost.
     let synced = join_behind(&mut behind);
     r?;
     synced?;
-    out.get_ref().sync_all()?;
+    out.file.sync_all()?;
     Ok((hasher, total))
+}
+
+/// Received chunks gathered into one `writev` per [`WRITE_BUFFER`] bytes (no copy into
+/// a buffer of our own).
+struct Gather {
+    file: std::fs::File,
+    pending: Vec<Bytes>,
+    len: usize,
+}
+
+impl Gather {
+    fn new(file: std::fs::File) -> Gather {
+        Gather {
+            file,
+            pending: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.len += chunk.len();
+        self.pending.push(chunk);
+        if self.len >= WRITE_BUFFER {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything pending.
+    fn flush(&mut self) -> std::io::Result<()> {
+        use std::io::{IoSlice, Write};
+        let mut slices: Vec<IoSlice> = self.pending.iter().map(|c| IoSlice::new(c)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match self.file.write_vectored(rest) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.pending.clear();
+        self.len = 0;
+        Ok(())
+    }
 }
 
 /// 429 answers waited out per content before the batch fails (and backs off).
@@ -139,6 +217,32 @@ pub fn create_dirs(dir: &Path) -> Result<()> {
     }
 }
 
+/// Creates (truncates) `path`, making its directory first if it is missing (checked
+/// only on failure: no extra system call per file when it exists).
+fn create_file(path: &Path) -> std::io::Result<std::fs::File> {
+    match std::fs::File::create(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path.parent().expect("a file in a directory"))?;
+            std::fs::File::create(path)
+        }
+        r => r,
+    }
+}
+
+/// `rename`, making the target's directory first if it is missing (checked only on
+/// failure; [`create_dirs`] names what is in the way when that fails).
+fn rename_into(from: &Path, to: &Path) -> Result<()> {
+    use std::io::ErrorKind::{NotADirectory, NotFound};
+    match std::fs::rename(from, to) {
+        Err(e) if matches!(e.kind(), NotFound | NotADirectory) && from.exists() => {
+            create_dirs(to.parent().expect("a file in a directory"))?;
+            std::fs::rename(from, to)
+        }
+        r => r,
+    }
+    .map_err(|e| io_err("storing", to, e))
+}
+
 /// fsync of a directory (after a rename into it).
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -160,7 +264,6 @@ pub async fn fetch(
         }
     }
     let tmp_dir = store.tmp_dir();
-    create_dirs(&tmp_dir)?;
     // Per location: two locations fetching the same content never share a partial file
     // (both then rename identical, verified content onto the same object).
     let part = tmp_dir.join(format!("{sha256}.{location}.part"));
@@ -176,11 +279,10 @@ pub async fn fetch(
                 return Ok(Fetched::Superseded);
             }
             Ok(Some(bytes)) => {
-                let dir = object.parent().expect("object path has a parent");
-                create_dirs(dir)?;
-                tokio::fs::rename(&part, &object)
+                let (from, to) = (part.clone(), object.clone());
+                tokio::task::spawn_blocking(move || rename_into(&from, &to))
                     .await
-                    .map_err(|e| io_err("storing", &object, e))?;
+                    .map_err(|e| Error::Other(format!("file store task: {e}")))??;
                 // The object directory is fsync'ed with the placement, before the
                 // batch commits (one fsync per directory, not per file).
                 metrics::counter!(m::FILES_DOWNLOADED, "location" => location.to_string())
@@ -293,9 +395,20 @@ async fn attempt_once(
     if !resumed {
         have = 0;
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(WRITER_QUEUE);
+    // A short download is gathered and written in one blocking call; a long one streams
+    // to a writer thread as it arrives.
+    let gather = size.saturating_sub(have) <= GATHER_MAX;
     let owned = part.to_path_buf();
-    let writer = tokio::task::spawn_blocking(move || write_part(&owned, resumed, rx));
+    let (tx, mut writer) = if gather {
+        (None, None)
+    } else {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITER_QUEUE);
+        let owned = owned.clone();
+        let chunks = std::iter::from_fn(move || rx.blocking_recv());
+        let w = tokio::task::spawn_blocking(move || write_part(&owned, resumed, chunks, true));
+        (Some(tx), Some(w))
+    };
+    let mut gathered = Vec::new();
     let mut resp = resp;
     let mut total = have;
     let mut written = 0u64;
@@ -313,13 +426,24 @@ async fn attempt_once(
             )));
         }
         let n = chunk.len() as u64;
-        if tx.send(chunk).await.is_err() {
-            // The writer stopped: its error is reported below.
-            break None;
+        match &tx {
+            Some(tx) => {
+                if tx.send(chunk).await.is_err() {
+                    // The writer stopped: its error is reported below.
+                    break None;
+                }
+            }
+            None => gathered.push(chunk),
         }
         written += n;
     };
     drop(tx);
+    let writer = match writer.take() {
+        Some(w) => w,
+        None => tokio::task::spawn_blocking(move || {
+            write_part(&owned, resumed, gathered.into_iter(), false)
+        }),
+    };
     // What was received is on disk (and synced) before a cut is resumed.
     let (hasher, on_disk) = writer
         .await
@@ -348,17 +472,21 @@ async fn attempt_once(
 mod tests {
     use super::*;
 
-    /// Sends `data` in 64 KiB chunks to a writer of `part`; returns its result.
+    /// Writes `data` in 64 KiB chunks to `part`, hashing apart or not; both ways must
+    /// agree; returns the result.
     fn write(part: &Path, resume: bool, data: &[u8]) -> (String, u64) {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITER_QUEUE);
-        let owned = part.to_path_buf();
-        let writer = std::thread::spawn(move || write_part(&owned, resume, rx));
-        for c in data.chunks(64 * 1024) {
-            tx.blocking_send(c.to_vec()).unwrap();
+        let before = std::fs::read(part).ok();
+        let mut got = Vec::new();
+        for apart in [false, true] {
+            if let Some(b) = &before {
+                std::fs::write(part, b).unwrap();
+            }
+            let chunks = data.chunks(64 * 1024).map(Bytes::copy_from_slice);
+            let (h, n) = write_part(part, resume, chunks, apart).unwrap();
+            got.push((hex::encode(h.finalize()), n));
         }
-        drop(tx);
-        let (h, n) = writer.join().unwrap().unwrap();
-        (hex::encode(h.finalize()), n)
+        assert_eq!(got[0], got[1], "hashing apart or not");
+        got.remove(0)
     }
 
     #[test]

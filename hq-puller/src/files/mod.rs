@@ -142,14 +142,13 @@ pub async fn prepare(app: &App, location: &str, events: &[FileEvent]) -> Result<
     let client = app.client(location)?;
     let newest = newest_per_path(events);
     // One download per distinct content.
-    let mut wanted: Vec<(String, i64, String)> = Vec::new();
-    for e in &newest {
-        if let Some(r) = &e.row {
-            if !wanted.iter().any(|(s, _, _)| *s == r.sha256) {
-                wanted.push((r.sha256.clone(), r.size, r.path.clone()));
-            }
-        }
-    }
+    let mut seen = std::collections::HashSet::new();
+    let wanted: Vec<(String, i64, String)> = newest
+        .iter()
+        .filter_map(|e| e.row.as_ref())
+        .filter(|r| seen.insert(r.sha256.as_str()))
+        .map(|r| (r.sha256.clone(), r.size, r.path.clone()))
+        .collect();
     let results: Vec<Result<(String, download::Fetched)>> =
         futures::stream::iter(wanted.into_iter().map(|(sha, size, path)| {
             let store = &store;

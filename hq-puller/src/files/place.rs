@@ -31,6 +31,9 @@ pub fn apply(
     // Directories whose entries changed: fsync'ed once each at the end, before the
     // batch's transaction commits.
     let mut dirs = BTreeSet::new();
+    if items.iter().any(|it| matches!(it.action, Action::Store(_))) {
+        create_dirs(&store.tmp_dir())?;
+    }
     for it in items {
         out.push(match &it.action {
             Action::Store(r) => {
@@ -60,10 +63,13 @@ fn place(
     }
     let target = store.target(location, path);
     let dir = target.parent().expect("target has a parent");
-    create_dirs(dir)?;
-    let tmp_dir = store.tmp_dir();
-    create_dirs(&tmp_dir)?;
-    let tmp = tmp_dir.join(format!("place-{}", uuid::Uuid::new_v4()));
+    // `dirs` holds the directories already made (and to be synced).
+    if !dirs.contains(dir) {
+        create_dirs(dir)?;
+    }
+    let tmp = store
+        .tmp_dir()
+        .join(format!("place-{}", uuid::Uuid::new_v4()));
     if std::fs::hard_link(&object, &tmp).is_err() {
         std::fs::copy(&object, &tmp).map_err(|e| io_err("copying", &object, e))?;
         std::fs::File::open(&tmp)

@@ -15,7 +15,8 @@
 //! fsyncs every file before its batch commits (invariant 6); rsync's copy is only in
 //! the page cache when it exits, so a second figure, "rsync + sync", adds the time of
 //! a `sync -f` of the destination's filesystem after it: rsync's copy made durable.
-//! The branch's indexing (hashing) is not in our time: the listener indexes the folder
+//! The repetitions' folders are deleted when their case ends, not between repetitions
+//! (see [`INODE_REUSE_WINDOW`]). The branch's indexing (hashing) is not in our time: the listener indexes the folder
 //! while it is generated (files are old enough to be settled); "index s" is the wait
 //! after generation. rsync computes its own checksums while it transfers.
 //!
@@ -88,9 +89,20 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// Runs `cmd` to its end; returns seconds, its peak RSS and the peak RSS of the
-/// children of `watch` (KiB) observed meanwhile.
-fn timed(mut cmd: Command, watch: Option<u32>) -> Result<(f64, u64, u64)> {
+/// What [`timed`] observed of a command.
+struct Timed {
+    secs: f64,
+    /// Peak RSS of the command (KiB).
+    peak_kib: u64,
+    /// Peak RSS of the children of `watch` (KiB).
+    watched_kib: u64,
+    /// CPU seconds (user + system) the command used.
+    cpu_s: f64,
+}
+
+/// Runs `cmd` to its end; returns seconds, its peak RSS, its CPU time and the peak RSS
+/// of the children of `watch` observed meanwhile.
+fn timed(mut cmd: Command, watch: Option<u32>) -> Result<Timed> {
     let t0 = Instant::now();
     let mut child = cmd
         .stdout(Stdio::null())
@@ -98,9 +110,11 @@ fn timed(mut cmd: Command, watch: Option<u32>) -> Result<(f64, u64, u64)> {
         .spawn()
         .context("spawning")?;
     let pid = child.id();
-    let (mut peak, mut other) = (0u64, 0u64);
+    let (mut peak, mut other, mut ticks) = (0u64, 0u64, 0u64);
     loop {
         peak = peak.max(vm_hwm(pid).unwrap_or(0));
+        // Readable until the child is reaped (a zombie keeps its counts).
+        ticks = tests::bench::cpu_ticks(pid).unwrap_or(ticks);
         if let Some(w) = watch {
             for c in children(w) {
                 other = other.max(vm_hwm(c).unwrap_or(0));
@@ -116,7 +130,12 @@ fn timed(mut cmd: Command, watch: Option<u32>) -> Result<(f64, u64, u64)> {
                 }
                 bail!("{cmd:?} failed ({st}): {err}");
             }
-            return Ok((secs, peak, other));
+            return Ok(Timed {
+                secs,
+                peak_kib: peak,
+                watched_kib: other,
+                cpu_s: ticks as f64 / tests::bench::clock_ticks_per_second(),
+            });
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -175,6 +194,8 @@ struct Run {
     rsync_durable_s: f64,
     ours_rss: (u64, u64),
     rsync_rss: (u64, u64),
+    /// CPU seconds of hq-puller and of the listener during our transfer.
+    ours_cpu: (f64, f64),
 }
 
 /// Whether `rsync` is installed (the peer; without it only our figures are printed).
@@ -195,6 +216,21 @@ fn sync_fs(path: &Path) -> Result<f64> {
         bail!("sync -f {} failed", path.display());
     }
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Puts the machine in the same state before each side's timed run: the filesystem
+/// flushed, the page cache dropped (when we may: root), no bulk deletion in the inode
+/// reuse window. Without the drop, whichever side runs when the page cache happens to
+/// be warm wins: on a VM whose free memory goes back to the host (virtio-balloon free
+/// page reporting), rsync's own times moved 2.5–11 s between repetitions.
+fn same_start(work: &Path, deleted: Option<Instant>, args: &Args) -> Result<()> {
+    sync_fs(work)?;
+    if std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_err() && !args.quick {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| println!("(page cache not dropped between runs: not root)"));
+    }
+    settle_deletions(deleted, args);
+    Ok(())
 }
 
 fn wait_port(port: u16) -> Result<()> {
@@ -226,9 +262,52 @@ fn count_files(dir: &Path) -> (usize, u64) {
     n
 }
 
-async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(usize, u64, Run)> {
+/// Without a journal, ext4 prefers not to reuse an inode freed less than 60 s ago
+/// (`recently_deleted`, 360 s while its inode table block is dirty): every inode
+/// allocation then scans past all such inodes of its group. Creating 10,000 files right
+/// after deleting the previous repetition's 30,000 cost hq-puller 22% of its CPU in
+/// `openat` (perf) and made the figures depend on what was deleted before. So the
+/// repetitions delete nothing until their case ends, and when the disk forces a deletion
+/// the next timed run waits for this window.
+const INODE_REUSE_WINDOW: Duration = Duration::from_secs(61);
+
+/// Free bytes on the filesystem holding `path` (`df`).
+fn free_bytes(path: &Path) -> Option<u64> {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .ok()?;
+    String::from_utf8(out.stdout)
+        .ok()?
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Waits until [`INODE_REUSE_WINDOW`] has passed since our last bulk deletion, if any
+/// (not in `--quick`, which asserts no timing).
+fn settle_deletions(deleted: Option<Instant>, args: &Args) {
+    let Some(deleted) = deleted.filter(|_| !args.quick) else {
+        return;
+    };
+    if let Some(left) = INODE_REUSE_WINDOW.checked_sub(deleted.elapsed()) {
+        std::thread::sleep(left);
+    }
+}
+
+/// One repetition in the new folder `work` (left in place for the caller to delete);
+/// `deleted`: when this run last deleted files in bulk.
+async fn one(
+    work: &Path,
+    images: usize,
+    big_mib: u64,
+    args: &Args,
+    deleted: Option<Instant>,
+) -> Result<(usize, u64, Run)> {
     let bins = tests::process::bin_dir();
-    let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work)?;
     let src = work.join("src");
     std::fs::create_dir_all(&src)?;
@@ -317,23 +396,28 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
     let index_s = t_index.elapsed().as_secs_f64();
     pool.close().await;
     // Neither side pays for writing back the generated folder.
-    sync_fs(work)?;
+    same_start(work, deleted, args)?;
     let mut cmd = Command::new(bins.join("hq-puller"));
     cmd.args(["pull", "b01", "--config"])
         .arg(&hcfg)
         .env("RUST_LOG", "warn");
-    let (ours_s, hq_rss, _) = timed(cmd, None)?;
+    let listener_ticks = tests::bench::cpu_ticks(listener.0.id()).unwrap_or(0);
+    let ours = timed(cmd, None)?;
+    let (ours_s, hq_rss) = (ours.secs, ours.peak_kib);
+    let listener_cpu = tests::bench::cpu_ticks(listener.0.id())
+        .unwrap_or(0)
+        .saturating_sub(listener_ticks) as f64
+        / tests::bench::clock_ticks_per_second();
     let listener_rss = vm_hwm(listener.0.id()).unwrap_or(0);
     drop(listener);
     let got = count_files(&hq_dir.join("b01"));
     if got != (n, bytes) {
         bail!("HQ holds {got:?} (files, bytes), expected {:?}", (n, bytes));
     }
-    let _ = std::fs::remove_dir_all(&hq_dir);
+    // HQ's copy stays until the end of the repetition: no deletion before rsync's run.
 
     // --- rsync daemon on loopback ---
     if !have_rsync() {
-        let _ = std::fs::remove_dir_all(work);
         return Ok((
             n,
             bytes,
@@ -344,6 +428,7 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
                 rsync_durable_s: f64::NAN,
                 ours_rss: (listener_rss, hq_rss),
                 rsync_rss: (0, 0),
+                ours_cpu: (ours.cpu_s, listener_cpu),
             },
         ));
     }
@@ -368,19 +453,20 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
     );
     wait_port(rport)?;
     let dst = work.join("rsync-dst");
-    // Nothing of our run (the removed HQ folder) is left for rsync's clock to flush.
-    sync_fs(work)?;
+    // Nothing of our run is left for rsync's clock to flush.
+    same_start(work, deleted, args)?;
     let mut cmd = Command::new("rsync");
     cmd.arg("-a")
         .arg(format!("rsync://127.0.0.1:{rport}/src/"))
         .arg(format!("{}/", dst.display()));
-    let (rsync_s, rsync_client_rss, rsync_daemon_rss) = timed(cmd, Some(daemon.0.id()))?;
+    let theirs = timed(cmd, Some(daemon.0.id()))?;
+    let (rsync_s, rsync_client_rss, rsync_daemon_rss) =
+        (theirs.secs, theirs.peak_kib, theirs.watched_kib);
     let rsync_durable_s = rsync_s + sync_fs(&dst)?;
     drop(daemon);
     if count_files(&dst) != (n, bytes) {
         bail!("rsync copied {:?}", count_files(&dst));
     }
-    let _ = std::fs::remove_dir_all(work);
     Ok((
         n,
         bytes,
@@ -391,6 +477,7 @@ async fn one(work: &Path, images: usize, big_mib: u64, args: &Args) -> Result<(u
             rsync_durable_s,
             ours_rss: (listener_rss, hq_rss),
             rsync_rss: (rsync_daemon_rss, rsync_client_rss),
+            ours_cpu: (ours.cpu_s, listener_cpu),
         },
     ))
 }
@@ -413,8 +500,8 @@ async fn main() -> Result<()> {
         "bench-files: (a) {} images of {}–{} KB, (b) one {} MiB file; {} repetition(s); loopback",
         args.files, args.min_kb, args.max_kb, args.big_mib, args.reps
     );
-    println!("| case | ours MB/s (min–max) | ours files/s | rsync MB/s | rsync files/s | ours / rsync | rsync + sync MB/s | ours / (rsync + sync) | branch index s |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| case | ours MB/s (min–max) | ours files/s | rsync MB/s | rsync files/s | ours / rsync | rsync + sync MB/s | ours / (rsync + sync) | ours CPU s: hq-puller + listener | branch index s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     if !have_rsync() {
         println!("(rsync is not installed: only our figures; apt-get install rsync for the peer)");
     }
@@ -430,9 +517,37 @@ async fn main() -> Result<()> {
         let (mut ours, mut theirs, mut index) = (Vec::new(), Vec::new(), Vec::new());
         let mut durable = Vec::new();
         let (mut n, mut bytes) = (0, 0);
-        for _ in 0..args.reps {
-            let (nn, bb, r) = one(&base.join("work"), images, big, &args).await?;
+        let mut cpu = (Vec::new(), Vec::new());
+        // Each repetition in a folder of its own, all deleted when the case ends (so no
+        // timed run follows a bulk deletion, see INODE_REUSE_WINDOW), unless the disk
+        // cannot hold them: then each is deleted after its repetition.
+        let mut deleted = None;
+        let mut kept = Vec::new();
+        for rep in 0..args.reps {
+            let work = base.join(format!("work-{rep}"));
+            let (nn, bb, r) = one(&work, images, big, &args, deleted).await?;
+            eprintln!(
+                "{case} repetition {}: ours {:.2} s (CPU s: hq-puller {:.1}, listener {:.1}), rsync {:.2} s",
+                rep + 1,
+                r.ours_s,
+                r.ours_cpu.0,
+                r.ours_cpu.1,
+                r.rsync_s
+            );
+            kept.push(work);
+            if free_bytes(&base).is_some_and(|free| free < 4 * bb + (1 << 30)) {
+                println!(
+                    "(disk nearly full: repetition {} deleted before the next)",
+                    rep + 1
+                );
+                for w in kept.drain(..) {
+                    let _ = std::fs::remove_dir_all(w);
+                }
+                deleted = Some(Instant::now());
+            }
             (n, bytes) = (nn, bb);
+            cpu.0.push(r.ours_cpu.0);
+            cpu.1.push(r.ours_cpu.1);
             ours.push(r.ours_s);
             theirs.push(r.rsync_s);
             durable.push(r.rsync_durable_s);
@@ -441,13 +556,17 @@ async fn main() -> Result<()> {
                 rss = Some((r.ours_rss, r.rsync_rss));
             }
         }
+        for w in kept {
+            let _ = std::fs::remove_dir_all(w);
+        }
         let (o, o_lo, o_hi) = median(ours);
         let (t, _, _) = median(theirs);
         let (td, _, _) = median(durable);
         let (ix, _, _) = median(index);
+        let (cpu_hq, cpu_branch) = (median(cpu.0).0, median(cpu.1).0);
         let mb = bytes as f64 / 1e6;
         println!(
-            "| {case} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.2}× | {ix:.1} |",
+            "| {case} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.2}× | {cpu_hq:.1} + {cpu_branch:.1} | {ix:.1} |",
             mb / o,
             mb / o_hi,
             mb / o_lo,
