@@ -68,7 +68,14 @@ fn join_behind(behind: &mut Behind) -> std::io::Result<()> {
 
 /// A download of at most this many bytes is gathered in memory and written by one
 /// blocking call (a typical image); a longer one streams through a writer thread.
-const GATHER_MAX: u64 = 2 << 20;
+const GATHER_MAX: u64 = 1 << 20;
+
+/// Downloads in flight across all locations (each location's batch runs up to
+/// [`super::DOWNLOAD_CONCURRENCY`]): bounds the memory of gathered downloads to
+/// 64 MiB whatever `max_concurrent_pulls` is.
+pub const ALL_DOWNLOADS: usize = 64;
+
+static DOWNLOAD_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(ALL_DOWNLOADS);
 
 /// Chunks queued between a streamed download's writer and its hasher thread.
 const HASHER_QUEUE: usize = 16;
@@ -263,6 +270,10 @@ pub async fn fetch(
             return Ok(Fetched::Stored);
         }
     }
+    let _slot = DOWNLOAD_SLOTS
+        .acquire()
+        .await
+        .map_err(|e| Error::Other(format!("download slots: {e}")))?;
     let tmp_dir = store.tmp_dir();
     // Per location: two locations fetching the same content never share a partial file
     // (both then rename identical, verified content onto the same object).
