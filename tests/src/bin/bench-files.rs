@@ -10,19 +10,21 @@
 //! timed to exit (rsync does no end-to-end checksum of its own choosing beyond its
 //! transfer checksums, and no fsync). Peak RSS (VmHWM) of each process during (b).
 //!
-//! Fairness: the data set is flushed (`sync`) before each side is timed, so neither pays
-//! for writing back the generated source folder (or the other side's output). Ours
+//! Fairness: before each side is timed the data set is flushed (`sync`), the page cache
+//! dropped and refilled with the source folder only (see [`same_start`]), so neither
+//! pays for writing back the generated folder (or the other side's output) and both
+//! start from the same memory; `--cold-source` leaves the source on disk. Ours
 //! fsyncs every file before its batch commits (invariant 6); rsync's copy is only in
 //! the page cache when it exits, so a second figure, "rsync + sync", adds the time of
 //! a `sync -f` of the destination's filesystem after it: rsync's copy made durable.
 //! The repetitions' folders are deleted when their case ends, not between repetitions
-//! (see [`INODE_REUSE_WINDOW`]). The branch's indexing (hashing) is not in our time: the listener indexes the folder
-//! while it is generated (files are old enough to be settled); "index s" is the wait
-//! after generation. rsync computes its own checksums while it transfers.
+//! (see [`INODE_REUSE_WINDOW`]). The branch's indexing (hashing) is not in our time:
+//! the listener indexes the folder while it is generated (files are old enough to be
+//! settled); "index s" is the wait after generation. rsync computes its own checksums while it transfers.
 //!
 //! Needs PostgreSQL (`TEST_PG_URL`, or `tests/pg.sh ensure` is run) and `rsync`.
 //! Reproduce: cargo build --release -p branch-listener -p hq-puller -p tests --bins &&
-//!   target/release/bench-files [--files 10000 --big-mib 2048 --reps 1] [--quick]
+//!   target/release/bench-files [--files 10000 --big-mib 2048 --reps 1] [--cold-source] [--quick]
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -53,6 +55,10 @@ struct Args {
     /// Folder for the data (default: a temporary folder).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Time both sides reading the data set from disk (page cache dropped and not
+    /// refilled) instead of from the page cache.
+    #[arg(long)]
+    cold_source: bool,
 }
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
@@ -219,46 +225,42 @@ fn sync_fs(path: &Path) -> Result<f64> {
 }
 
 /// Puts the machine in the same state before each side's timed run: the filesystem
-/// flushed, the page cache dropped (when we may: root), no bulk deletion in the inode
-/// reuse window. Without the drop, whichever side runs when the page cache happens to
-/// be warm wins: on a VM whose free memory goes back to the host (virtio-balloon free
-/// page reporting), rsync's own times moved 2.5–11 s between repetitions.
-fn same_start(work: &Path, bytes: u64, deleted: Option<Instant>, args: &Args) -> Result<()> {
+/// flushed, the page cache dropped (when we may: root) and refilled with the data set
+/// only ([`read_through`]; not with `--cold-source`), no bulk deletion in the inode
+/// reuse window. Without the drop, whichever side ran when memory happened to be warm
+/// won: on this VM (free memory goes back to the host) rsync's own times moved
+/// 2.5–11 s between repetitions, ours 6–10 s. Reading the source from the page cache
+/// stands for the branch's own disk: sender and receiver are different machines, and
+/// here a cold read would share one disk with the receiver's fsyncs.
+fn same_start(work: &Path, deleted: Option<Instant>, args: &Args) -> Result<()> {
     sync_fs(work)?;
-    if std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_err() && !args.quick {
+    if std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok() {
+        if !args.quick && !args.cold_source {
+            read_through(&work.join("src"))?;
+        }
+    } else if !args.quick {
         static SAID: std::sync::Once = std::sync::Once::new();
         SAID.call_once(|| println!("(page cache not dropped between runs: not root)"));
     }
-    warm_memory(bytes);
     settle_deletions(deleted, args);
     Ok(())
 }
 
-/// Touches (and frees) memory for what a run will put in the page cache: the data read
-/// at the sender, written at the receiver, plus buffers. A VM gives idle memory back
-/// to its host (virtio-balloon free page reporting); the first run to touch it again
-/// pays a host page fault per page (our listener: 5.5 CPU s instead of 1.6 for the same
-/// 2 GiB in the first repetition), so without this the first side timed after a pause
-/// loses. At most half of the available memory.
-fn warm_memory(bytes: u64) {
-    let available = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kib| kib * 1024);
-    let n = (3 * bytes).min(available / 2) as usize;
-    let mut v: Vec<u8> = Vec::with_capacity(n);
-    let spare = v.spare_capacity_mut();
-    for i in (0..n).step_by(4096) {
-        spare[i].write(1);
+/// Reads every file under `dir` (into the page cache).
+fn read_through(dir: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 1 << 20];
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let p = e.path();
+        if e.file_type()?.is_dir() {
+            read_through(&p)?;
+        } else {
+            let mut f = std::fs::File::open(&p)?;
+            while f.read(&mut buf)? > 0 {}
+        }
     }
-    std::hint::black_box(&v);
+    Ok(())
 }
 
 fn wait_port(port: u16) -> Result<()> {
@@ -424,7 +426,7 @@ async fn one(
     let index_s = t_index.elapsed().as_secs_f64();
     pool.close().await;
     // Neither side pays for writing back the generated folder.
-    same_start(work, bytes, deleted, args)?;
+    same_start(work, deleted, args)?;
     let mut cmd = Command::new(bins.join("hq-puller"));
     cmd.args(["pull", "b01", "--config"])
         .arg(&hcfg)
@@ -482,7 +484,7 @@ async fn one(
     wait_port(rport)?;
     let dst = work.join("rsync-dst");
     // Nothing of our run is left for rsync's clock to flush.
-    same_start(work, bytes, deleted, args)?;
+    same_start(work, deleted, args)?;
     let mut cmd = Command::new("rsync");
     cmd.arg("-a")
         .arg(format!("rsync://127.0.0.1:{rport}/src/"))
@@ -637,8 +639,9 @@ async fn main() -> Result<()> {
             l / 1024, h / 1024, d / 1024, c / 1024);
     }
     println!(
-        "reproduce: cargo build --release -p branch-listener -p hq-puller -p tests --bins && target/release/bench-files --files {} --big-mib {} --reps {} --min-kb {} --max-kb {}",
-        args.files, args.big_mib, args.reps, args.min_kb, args.max_kb
+        "reproduce: cargo build --release -p branch-listener -p hq-puller -p tests --bins && target/release/bench-files --files {} --big-mib {} --reps {} --min-kb {} --max-kb {}{}",
+        args.files, args.big_mib, args.reps, args.min_kb, args.max_kb,
+        if args.cold_source { " --cold-source" } else { "" }
     );
     for s in summaries {
         s.print();
