@@ -242,13 +242,24 @@ async fn rate_limited_downloads_wait_and_do_not_fail_the_run() {
     assert_eq!(live_images(hq.pool(), "b01").await, vec!["r.jpg"]);
 }
 
-/// A download cut mid-body is resumed with `Range` from the bytes already there.
+/// A download cut mid-body is resumed with `Range` from the bytes already there: a
+/// short file (gathered in memory, written in one call) and a long one (streamed
+/// through a writer thread and a hasher thread).
 #[tokio::test]
 async fn cut_download_resumes_with_range() {
-    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    cut_download_resumes(300_000, 100_000).await;
+}
+
+#[tokio::test]
+async fn cut_long_download_resumes_with_range() {
+    cut_download_resumes(3_000_000, 1_700_000).await;
+}
+
+async fn cut_download_resumes(len: u32, cut: u64) {
+    let content: Vec<u8> = (0..len).map(|i| (i % 241) as u8).collect();
     let mut b = Branch::new("b01");
     b.add_file(&content);
-    b.file_faults.push_back(FileFault::Cut(100_000));
+    b.file_faults.push_back(FileFault::Cut(cut as usize));
     let b = b.window(vec![file_ev(1, "big.jpg", Some(&content))]);
     let (fake, base) = Fake::start(vec![b]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -272,10 +283,7 @@ async fn cut_download_resumes_with_range() {
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("second request resumes with a range: {ranges:?}"));
-    assert!(
-        resumed_from > 0 && resumed_from <= 100_000,
-        "{resumed_from}"
-    );
+    assert!(resumed_from > 0 && resumed_from <= cut, "{resumed_from}");
 }
 
 /// The listener no longer has a content (`file_not_found`): the event is recorded as
