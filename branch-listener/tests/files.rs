@@ -432,7 +432,7 @@ async fn files_endpoint_and_watcher_task() -> Result<()> {
     server.stop().await
 }
 
-/// A file longer than what is read in one piece (4 MiB) is streamed: whole, and by a
+/// A file longer than what is read in one piece (1 MiB) is streamed: whole, and by a
 /// range starting past the first streamed chunk and ending inside a later one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_files_are_streamed_whole_and_by_range() -> Result<()> {
@@ -469,6 +469,14 @@ async fn long_files_are_streamed_whole_and_by_range() -> Result<()> {
         .await?;
     assert_eq!(status, 206);
     assert!(body == content[..=z], "the head to {z}");
+    // A short range inside the long file is read in one piece.
+    let (status, _, body) = server
+        .get(&url, Some(TOKEN), Some("bytes=2000000-2000099"))
+        .await?;
+    assert_eq!(
+        (status, body.as_slice()),
+        (206, &content[2_000_000..2_000_100])
+    );
     server.stop().await
 }
 

@@ -70,8 +70,9 @@ pub fn parse_range(value: Option<&str>, size: u64) -> Range {
 }
 
 /// A served part of a file at most this long is read in one blocking call and sent as
-/// one body (a typical image); longer ones are streamed in [`STREAM_CHUNK`] reads.
-const READ_WHOLE: u64 = 4 << 20;
+/// one body (a typical image); longer ones are streamed in [`STREAM_CHUNK`] reads. With
+/// `max_concurrent_requests` (64 by default) that bounds the memory of whole reads.
+const READ_WHOLE: u64 = 1 << 20;
 
 /// Read size of a streamed file.
 const STREAM_CHUNK: usize = 1 << 20;
@@ -170,8 +171,12 @@ fn stream_body(mut file: std::fs::File, len: u64) -> Body {
         let mut left = len;
         while left > 0 {
             let n = left.min(STREAM_CHUNK as u64);
-            let mut buf = vec![0; n as usize];
-            let r = file.read_exact(&mut buf).map(|_| Bytes::from(buf));
+            let mut buf = Vec::with_capacity(n as usize);
+            let r = match (&mut file).take(n).read_to_end(&mut buf) {
+                Ok(got) if got as u64 == n => Ok(Bytes::from(buf)),
+                Ok(_) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Err(e) => Err(e),
+            };
             let failed = r.is_err();
             if tx.blocking_send(r).is_err() || failed {
                 return;
