@@ -98,31 +98,13 @@ fn write_part(
     } else {
         (create_file(part)?, 0)
     };
-    let (to_hasher, hashed, mut hasher) = if hash_apart {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(HASHER_QUEUE);
-        let h = std::thread::spawn(move || {
-            for c in rx {
-                hasher.update(&c);
-            }
-            hasher
-        });
-        (Some(tx), Some(h), None)
-    } else {
-        (None, None, Some(hasher))
-    };
+    let mut hashing = Hashing::new(hasher, hash_apart);
     let mut out = Gather::new(file);
     let mut mark = total;
     let mut behind: Behind = None;
     let r = (|| {
         for chunk in chunks {
-            match (&to_hasher, &mut hasher) {
-                (Some(tx), _) => {
-                    // The hasher ends only when the sender is dropped.
-                    let _ = tx.send(chunk.clone());
-                }
-                (None, Some(h)) => h.update(&chunk),
-                (None, None) => unreachable!("one of the two hashes"),
-            }
+            hashing.update(&chunk);
             total += chunk.len() as u64;
             out.push(chunk)?;
             if total - mark >= WRITE_BEHIND && behind.as_ref().is_none_or(|h| h.is_finished()) {
@@ -135,19 +117,68 @@ fn write_part(
         }
         out.flush()
     })();
-    drop(to_hasher);
-    let hasher = match hashed {
-        Some(h) => h
-            .join()
-            .map_err(|_| std::io::Error::other("hasher thread panicked"))?,
-        None => hasher.expect("hashed here"),
-    };
+    let hashed = hashing.finish();
     // Always joined: its error must not be lost.
     let synced = join_behind(&mut behind);
     r?;
     synced?;
+    let hasher = hashed?;
     out.file.sync_all()?;
     Ok((hasher, total))
+}
+
+/// Where a download's sha256 is computed.
+enum Hashing {
+    /// In the writing thread.
+    Here(Sha256),
+    /// By a thread of its own, fed every chunk (a long download).
+    Apart(
+        std::sync::mpsc::SyncSender<Bytes>,
+        std::thread::JoinHandle<Sha256>,
+    ),
+}
+
+impl Hashing {
+    /// Continues `hasher` here, or on a thread of its own when `apart`.
+    fn new(mut hasher: Sha256, apart: bool) -> Hashing {
+        if !apart {
+            return Hashing::Here(hasher);
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(HASHER_QUEUE);
+        Hashing::Apart(
+            tx,
+            std::thread::spawn(move || {
+                for c in rx {
+                    hasher.update(&c);
+                }
+                hasher
+            }),
+        )
+    }
+
+    fn update(&mut self, chunk: &Bytes) {
+        match self {
+            Hashing::Here(h) => h.update(chunk),
+            // A hasher that died is reported by `finish`.
+            Hashing::Apart(tx, _) => {
+                let _ = tx.send(chunk.clone());
+            }
+        }
+    }
+
+    /// The hash of everything given to `update`.
+    fn finish(self) -> std::io::Result<Sha256> {
+        match self {
+            Hashing::Here(h) => Ok(h),
+            Hashing::Apart(tx, thread) => {
+                // The thread ends when its sender is dropped.
+                drop(tx);
+                thread
+                    .join()
+                    .map_err(|_| std::io::Error::other("hasher thread panicked"))
+            }
+        }
+    }
 }
 
 /// Received chunks gathered into one `writev` per [`WRITE_BUFFER`] bytes (no copy into
