@@ -580,16 +580,21 @@ async fn load_pages(
         // committed.
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
         loop {
-            let fetched = match next {
-                Some(_) => match pages.recv().await {
+            let fetched = match next.as_mut() {
+                Some(task) => match pages.recv().await {
                     Some(page) => Some(page.and_then(|page| {
                         check_page(&page, loc, row, table)?;
                         Ok(page)
                     })),
-                    // The fetcher ended: a page without `next_after` was the last.
+                    // The fetcher ended. It ends by itself only after sending a page
+                    // without `next_after` (the last) or an error; a task that died
+                    // (panicked) is an error, not the end of the table.
                     None => {
+                        let ended = task
+                            .await
+                            .map_err(|e| Error::Other(format!("snapshot fetch task: {e}")));
                         next = None;
-                        None
+                        ended.err().map(Err)
                     }
                 },
                 None => None,
