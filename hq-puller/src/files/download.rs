@@ -245,22 +245,28 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
 
 /// `create_dir_all` with an error that says what is wrong when something that is not a
 /// directory is in the way (the OS only says "File exists").
+fn make_dirs(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => std::io::Error::new(
+            e.kind(),
+            format!("a file that is not a directory is in the way ({e})"),
+        ),
+        _ => e,
+    })
+}
+
+/// [`make_dirs`] with the file store's error.
 pub fn create_dirs(dir: &Path) -> Result<()> {
-    match std::fs::create_dir_all(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::transient(format!(
-            "file store: creating {}: a file that is not a directory is in the way ({e})",
-            dir.display()
-        ))),
-        r => r.map_err(|e| io_err("creating", dir, e)),
-    }
+    make_dirs(dir).map_err(|e| io_err("creating", dir, e))
 }
 
 /// Creates (truncates) `path`, making its directory first if it is missing (checked
 /// only on failure: no extra system call per file when it exists).
 fn create_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::ErrorKind::{NotADirectory, NotFound};
     match std::fs::File::create(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(path.parent().expect("a file in a directory"))?;
+        Err(e) if matches!(e.kind(), NotFound | NotADirectory) => {
+            make_dirs(path.parent().expect("a file in a directory"))?;
             std::fs::File::create(path)
         }
         r => r,

@@ -443,6 +443,21 @@ async fn disk_full_in_the_file_store_is_transient_and_leaves_nothing_behind() {
     assert_nothing_applied(&hq, &target).await;
     assert_eq!(count_files(&dir.path().join(".objects")), 0, "no object");
 
+    // 1b. A regular file `.tmp` is in the way of the downloads' folder: named as such.
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"").unwrap();
+    let r = pull(&hq, &["b01"]).await;
+    assert_eq!(r[0].outcome, "failed", "{:?}", r[0]);
+    let err = r[0].error.clone().unwrap();
+    assert!(
+        err.contains(&tmp.display().to_string()) && err.contains("not a directory is in the way"),
+        "{err}"
+    );
+    assert_nothing_applied(&hq, &target).await;
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &part).unwrap();
+
     // 2. The object's directory cannot be created (a regular file `.objects/ab` is in
     // the way; works as root): the verified download is never renamed into place.
     std::fs::remove_file(&part).unwrap();
