@@ -28,6 +28,7 @@ pub mod error;
 pub mod files;
 pub mod load;
 pub mod metrics;
+pub mod partitions;
 pub mod preflight;
 pub mod progress;
 pub mod pull;
@@ -98,7 +99,13 @@ pub async fn migrate(app: &App) -> Result<()> {
     for stmt in schemas::sql::hq::create_mirror_tables(&app.settings.catalogue) {
         sqlx::query(&stmt).execute(&app.pool).await?;
     }
-    store::register_locations(&app.pool, &app.settings.locations).await
+    register(app).await
+}
+
+/// The configured locations in `sync.locations`, and the partitions of those that stream.
+async fn register(app: &App) -> Result<()> {
+    store::register_locations(&app.pool, &app.settings.locations).await?;
+    partitions::ensure_streaming(&app.pool, &app.settings.catalogue).await
 }
 
 /// Refuses to run against a database whose migrations are missing or behind.
@@ -136,7 +143,7 @@ pub async fn check_migrated(app: &App) -> Result<()> {
 /// `hq-puller pull`: drains the given locations once, at most `max_concurrent_pulls` at
 /// a time, and returns one report per location.
 pub async fn pull_once(app: &Arc<App>, locations: &[String]) -> Result<Vec<pull::RunReport>> {
-    store::register_locations(&app.pool, &app.settings.locations).await?;
+    register(app).await?;
     let mut tasks = Vec::new();
     for id in locations {
         let (app, id) = (app.clone(), id.clone());
@@ -161,7 +168,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     transport::warn_plain_http(&settings);
     let app = App::connect(settings, shutdown.clone()).await?;
     check_migrated(&app).await?;
-    store::register_locations(&app.pool, &app.settings.locations).await?;
+    register(&app).await?;
     let stale = store::close_stale_runs(&app.pool).await?;
     if stale > 0 {
         tracing::warn!(

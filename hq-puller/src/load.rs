@@ -9,8 +9,12 @@
 //! a page saw; a row deleted before its page was read gets its tombstone from the
 //! stream; a row inserted later comes from the stream (and wins over `_seq = 0`).
 //!
-//! - **initial** (a location whose cursor is NULL): pages go straight into `hq.<t>`; the
-//!   last transaction stores the cursor T0 (checked NULL `FOR UPDATE`).
+//! - **initial** (a location whose cursor is NULL): pages go into the location's own
+//!   unindexed table `hq_load.<t>@<location>`; the last transaction builds its key,
+//!   attaches it as the location's partition of `hq.<t>` ([`crate::partitions`]) and
+//!   stores the cursor T0 (checked NULL `FOR UPDATE`): readers see none of the rows,
+//!   then all of them. Where the partition exists already (or `hq.<t>` is a plain table
+//!   made before partitioning), pages go straight into `hq.<t>`.
 //! - **resync** (`hq-puller resync`, or `auto_resync`): pages go into `hq_stage.<t>`;
 //!   then ONE transaction deletes the location's rows from `hq.<t>`, copies the staged
 //!   rows in, and stores cursor T0 and the new instance: readers of `hq.<t>_live` see the
@@ -279,6 +283,7 @@ async fn discard(app: &App, location: &str, row: &LoadRow) -> Result<()> {
     if row.kind == kind::RESYNC {
         fsnap::clear_stage(&mut tx, location).await?;
     } else {
+        crate::partitions::drop_load_tables(&mut tx, &app.settings.catalogue, location).await?;
         sqlx::query(
             "DELETE FROM sync.files WHERE location_id = $1 AND NOT EXISTS \
              (SELECT 1 FROM sync.locations WHERE id = $1 AND cursor IS NOT NULL)",
@@ -326,8 +331,23 @@ pub async fn initial(app: &App, loc: &Location) -> Result<Loaded> {
         },
     };
     set_loading(&app.pool, &loc.id, "initial load running").await?;
+    let mut targets = Vec::new();
+    let mut attach = Vec::new();
+    let mut c = app.pool.acquire().await?;
+    for t in &app.settings.catalogue.tables {
+        if crate::partitions::loads_apart(&mut c, t, &loc.id).await? {
+            for s in hq::create_load_table(t, &loc.id) {
+                sqlx::query(&s).execute(&mut *c).await?;
+            }
+            targets.push(hq::load_table(t, &loc.id));
+            attach.push(t);
+        } else {
+            targets.push(hq::mirror_table(t));
+        }
+    }
+    drop(c);
     let mut at = Position::of(&row);
-    let Some(rows) = load_all(app, loc, &row, &mut at, hq::mirror_table, "load").await? else {
+    let Some(rows) = load_all(app, loc, &row, &mut at, &targets, "load").await? else {
         return Ok(Loaded::Interrupted);
     };
     let mut tx = app.pool.begin().await?;
@@ -338,6 +358,13 @@ pub async fn initial(app: &App, loc: &Location) -> Result<Loaded> {
             .fetch_one(&mut *tx)
             .await?;
     if stored.is_none() {
+        let started = std::time::Instant::now();
+        for t in &attach {
+            crate::partitions::attach(&mut tx, t, &loc.id).await?;
+        }
+        if !attach.is_empty() {
+            tracing::info!(location = %loc.id, tables = attach.len(), seconds = started.elapsed().as_secs_f64(), "loaded tables keyed and attached as the location's partitions");
+        }
         sqlx::query(
             "UPDATE sync.locations SET cursor = $2, instance_id = $3, state = 'ok', \
              paused_reason = NULL, snapshot_cursor = $2, last_success_at = now(), updated_at = now() WHERE id = $1",
@@ -440,11 +467,18 @@ async fn resync_inner(app: &App, loc: &Location) -> Result<Loaded> {
     };
     set_loading(&app.pool, &loc.id, "resync running").await?;
     let mut at = Position::of(&row);
-    let Some(rows) = load_all(app, loc, &row, &mut at, snapshot::stage_table, "resync").await?
-    else {
+    let stages: Vec<String> = app
+        .settings
+        .catalogue
+        .tables
+        .iter()
+        .map(snapshot::stage_table)
+        .collect();
+    let Some(rows) = load_all(app, loc, &row, &mut at, &stages, "resync").await? else {
         return Ok(Loaded::Interrupted);
     };
-    // The switch: one transaction.
+    // The switch: one transaction, into the location's partitions.
+    crate::partitions::ensure(&app.pool, &app.settings.catalogue, &loc.id).await?;
     let mut tx = app.pool.begin().await?;
     expect_position(&mut tx, &loc.id, &row, &at).await?;
     sqlx::query("SELECT 1 FROM sync.locations WHERE id = $1 FOR UPDATE")
@@ -509,7 +543,7 @@ async fn fetch_ahead(
     }
 }
 
-/// Loads every catalogue table (into the table `target` names for it), then the file
+/// Loads every catalogue table (into `targets`, one per catalogue table), then the file
 /// index, moving `at` along with each committed page. Returns the rows loaded by this
 /// call, or `None` when interrupted by shutdown.
 async fn load_all(
@@ -517,11 +551,10 @@ async fn load_all(
     loc: &Location,
     row: &LoadRow,
     at: &mut Position,
-    target: fn(&schemas::catalogue::Table) -> String,
+    targets: &[String],
     what: &'static str,
 ) -> Result<Option<u64>> {
-    let targets: Vec<String> = app.settings.catalogue.tables.iter().map(target).collect();
-    let Some(rows) = load_pages(app, loc, row, at, &targets, what).await? else {
+    let Some(rows) = load_pages(app, loc, row, at, targets, what).await? else {
         return Ok(None);
     };
     let Some(files) = load_files(app, loc, row, at).await? else {
@@ -1117,6 +1150,7 @@ mod tests {
         for s in hq::create_mirror_tables(&cat) {
             sqlx::query(&s).execute(&pool).await.unwrap();
         }
+        crate::partitions::ensure(&pool, &cat, "b01").await.unwrap();
         let t = cat.table("products").unwrap();
         load(
             &pool,

@@ -183,7 +183,10 @@ async fn run_loop(
                 pos.instance = Some(start.instance_id);
             }
             crate::load::Loaded::Interrupted => return Ok(outcome::INTERRUPTED),
-            crate::load::Loaded::Unsupported => {}
+            crate::load::Loaded::Unsupported => {
+                // Streaming from the install tick: rows arrive without a load.
+                crate::partitions::ensure(&app.pool, &app.settings.catalogue, &loc.id).await?;
+            }
         }
     }
     let started = Instant::now();

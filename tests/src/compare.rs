@@ -559,6 +559,16 @@ mod oracle_tests {
     /// Applies the whole SQLite pull area to HQ: newest image per key, one upsert per table.
     async fn mini_apply(branch: &str, hq: &PgPool, location: &str, zone: &str) {
         let cat = Catalogue::product_management();
+        // The location's (empty) partitions, as hq-puller makes them.
+        for t in &cat.tables {
+            let attach = schemas::sql::hq::attach_load_table(t, location);
+            for s in schemas::sql::hq::create_load_table(t, location)
+                .iter()
+                .chain(&attach)
+            {
+                sqlx::query(s).execute(hq).await.unwrap();
+            }
+        }
         let mut c = sqlx::SqliteConnection::connect(branch).await.unwrap();
         let rows: Vec<(i64, String, String, String, Option<String>)> =
             sqlx::query_as("SELECT seq, tbl, op, pk, row_data FROM _pull_changes ORDER BY seq")

@@ -10,8 +10,16 @@
 //! `json`, not `jsonb`, so the array is not first normalized into a sorted jsonb), and
 //! upserts with the guard `WHERE t._seq < EXCLUDED._seq`: an older change never wins,
 //! a tombstone is never resurrected by a late update, and redelivery changes nothing.
+//!
+//! A mirror table is LIST-partitioned by `location_id`: one partition per location,
+//! `hq."<table>@<location>"` ([`partition`]). An initial load fills an unindexed table of
+//! its own, `hq_load."<table>@<location>"` ([`load_table`]), and the load's last
+//! transaction builds its key and attaches it ([`attach_load_table`]): a bulk load
+//! without index maintenance per row, and readers see the location's rows all at once.
+//! ATTACH locks the mirror table only `SHARE UPDATE EXCLUSIVE`: readers and the other
+//! locations' upserts go on. An empty partition is made the same way.
 
-use super::q;
+use super::{lit, q};
 use crate::catalogue::{Catalogue, ColumnType, Table};
 
 pub fn mirror_table(table: &Table) -> String {
@@ -24,7 +32,10 @@ pub fn live_view(table: &Table) -> String {
 
 /// Idempotent DDL creating (or extending with new columns) the mirror tables and views.
 pub fn create_mirror_tables(catalogue: &Catalogue) -> Vec<String> {
-    let mut v = vec!["CREATE SCHEMA IF NOT EXISTS hq".to_string()];
+    let mut v = vec![
+        "CREATE SCHEMA IF NOT EXISTS hq".to_string(),
+        "CREATE SCHEMA IF NOT EXISTS hq_load".to_string(),
+    ];
     for t in &catalogue.tables {
         let mut cols = vec!["location_id text NOT NULL".to_string()];
         for c in &t.columns {
@@ -36,7 +47,7 @@ pub fn create_mirror_tables(catalogue: &Catalogue) -> Vec<String> {
         let keys: Vec<String> = t.primary_key.iter().map(|k| q(k)).collect();
         cols.push(format!("PRIMARY KEY (location_id, {})", keys.join(", ")));
         v.push(format!(
-            "CREATE TABLE IF NOT EXISTS {} ({})",
+            "CREATE TABLE IF NOT EXISTS {} ({}) PARTITION BY LIST (location_id)",
             mirror_table(t),
             cols.join(", ")
         ));
@@ -61,6 +72,77 @@ pub fn create_mirror_tables(catalogue: &Catalogue) -> Vec<String> {
             file_condition(t)
         ));
     }
+    v
+}
+
+/// The longest identifier PostgreSQL keeps whole.
+const MAX_IDENTIFIER: usize = 63;
+
+/// The unquoted name of `table`'s partition (and load table) for `location`:
+/// `<table>@<location>`, or, when that is longer than an identifier may be, the table
+/// name cut short and a hash of both (names stay distinct and stable).
+pub fn partition_name(table: &Table, location: &str) -> String {
+    let name = format!("{}@{location}", table.name);
+    if name.len() <= MAX_IDENTIFIER {
+        return name;
+    }
+    use sha2::Digest;
+    let hash = hex::encode(&sha2::Sha256::digest(name.as_bytes())[..8]);
+    let keep = MAX_IDENTIFIER - 1 - hash.len();
+    format!("{}@{hash}", &table.name[..table.name.len().min(keep)])
+}
+
+/// The partition of `table` holding `location`'s rows.
+pub fn partition(table: &Table, location: &str) -> String {
+    format!("hq.{}", q(&partition_name(table, location)))
+}
+
+/// The table an initial load of `location` fills before it becomes [`partition`].
+pub fn load_table(table: &Table, location: &str) -> String {
+    format!("hq_load.{}", q(&partition_name(table, location)))
+}
+
+/// DDL of [`load_table`]: the mirror table's columns and defaults, no index, and a check
+/// of the location that lets ATTACH skip its scan. Logged: a load's pages commit into it
+/// and a crashed load resumes.
+pub fn create_load_table(table: &Table, location: &str) -> Vec<String> {
+    vec![format!(
+        "CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS, \
+         CONSTRAINT location_only CHECK (location_id = {}))",
+        load_table(table, location),
+        mirror_table(table),
+        lit(location)
+    )]
+}
+
+/// Turns [`load_table`] into [`partition`], in the caller's transaction: the columns the
+/// mirror table gained meanwhile, the key (one sorted build), then ATTACH (which adopts
+/// that key as the partition's part of the mirror table's key).
+pub fn attach_load_table(table: &Table, location: &str) -> Vec<String> {
+    let load = load_table(table, location);
+    let mut v: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| {
+            format!(
+                "ALTER TABLE {load} ADD COLUMN IF NOT EXISTS {} {}",
+                q(&c.name),
+                c.ty.hq_type()
+            )
+        })
+        .collect();
+    let keys: Vec<String> = table.primary_key.iter().map(|k| q(k)).collect();
+    v.push(format!(
+        "ALTER TABLE {load} ADD PRIMARY KEY (location_id, {})",
+        keys.join(", ")
+    ));
+    v.push(format!("ALTER TABLE {load} SET SCHEMA hq"));
+    v.push(format!(
+        "ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})",
+        mirror_table(table),
+        partition(table, location),
+        lit(location)
+    ));
     v
 }
 
@@ -242,5 +324,51 @@ mod tests {
         assert!(ddl.contains("_seq bigint NOT NULL"));
         assert!(ddl.contains("f.path = t.\"file_path\" AND f.state = 'stored'"));
         assert_eq!(ddl.matches("sync.files").count(), 1, "only product_images");
+        assert!(ddl.contains(") PARTITION BY LIST (location_id)"));
+    }
+
+    #[test]
+    fn partition_names_fit_an_identifier_and_stay_distinct() {
+        let cat = Catalogue::product_management();
+        let t = cat.table("products").unwrap();
+        assert_eq!(partition(t, "b01"), "hq.\"products@b01\"");
+        assert_eq!(load_table(t, "b01"), "hq_load.\"products@b01\"");
+        let mut long = t.clone();
+        long.name = "a".repeat(48);
+        let (x, y) = ("x".repeat(32), format!("{}y", "x".repeat(31)));
+        let (nx, ny) = (partition_name(&long, &x), partition_name(&long, &y));
+        assert!(nx.len() <= 63 && ny.len() <= 63, "{nx} {ny}");
+        assert_ne!(nx, ny);
+        assert_eq!(nx, partition_name(&long, &x), "stable");
+        assert!(nx.starts_with(&"a".repeat(40)));
+    }
+
+    #[test]
+    fn a_load_table_becomes_the_partition_with_its_key() {
+        let cat = Catalogue::product_management();
+        let t = cat.table("products").unwrap();
+        let create = create_load_table(t, "b'01").join("\n");
+        assert!(
+            create.contains("(LIKE hq.\"products\" INCLUDING DEFAULTS, "),
+            "{create}"
+        );
+        assert!(create.contains("CHECK (location_id = 'b''01')"), "{create}");
+        let attach = attach_load_table(t, "b01");
+        let n = attach.len();
+        assert!(attach[..n - 3]
+            .iter()
+            .all(|s| s.contains("ADD COLUMN IF NOT EXISTS")));
+        assert_eq!(
+            attach[n - 3],
+            "ALTER TABLE hq_load.\"products@b01\" ADD PRIMARY KEY (location_id, \"product_id\")"
+        );
+        assert_eq!(
+            attach[n - 2],
+            "ALTER TABLE hq_load.\"products@b01\" SET SCHEMA hq"
+        );
+        assert_eq!(
+            attach[n - 1],
+            "ALTER TABLE hq.\"products\" ATTACH PARTITION hq.\"products@b01\" FOR VALUES IN ('b01')"
+        );
     }
 }

@@ -471,7 +471,7 @@ async fn a_load_page_whose_commit_hq_lost_is_loaded_again() -> Result<()> {
            IF OLD.table_name IS NULL AND NEW.table_name = 'products' \
               AND NOT EXISTS (SELECT 1 FROM public.lost_once) THEN \
              INSERT INTO public.lost_once DEFAULT VALUES; \
-             DELETE FROM hq.products WHERE location_id = NEW.location_id; \
+             EXECUTE format('DELETE FROM hq_load.%I', 'products@' || NEW.location_id); \
              RETURN OLD; \
            END IF; \
            RETURN NEW; \
