@@ -72,6 +72,12 @@ impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Cli
     }
 }
 
+impl Connected<axum::serve::IncomingStream<'_, crate::serve::PlainListener>> for ClientAddr {
+    fn connect_info(s: axum::serve::IncomingStream<'_, crate::serve::PlainListener>) -> Self {
+        ClientAddr(*s.remote_addr())
+    }
+}
+
 impl Connected<axum::serve::IncomingStream<'_, crate::tls::TlsListener>> for ClientAddr {
     fn connect_info(s: axum::serve::IncomingStream<'_, crate::tls::TlsListener>) -> Self {
         ClientAddr(*s.remote_addr())

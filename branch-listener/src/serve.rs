@@ -29,6 +29,36 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState> {
 /// Serves on `listener` until `shutdown` is cancelled: then stops accepting, ends
 /// long-polls (they answer with what they have), waits for in-flight requests and the
 /// background tasks, and returns.
+/// Turns Nagle's algorithm off on an accepted connection. A response's last bytes are
+/// often a small segment written after larger ones (the end of a streamed page, of a
+/// file): with Nagle on, the kernel holds it until the peer acknowledges the data before
+/// it, and the peer delays that acknowledgement by up to 40 ms. That stall cost every
+/// snapshot page about 40 ms (80 instead of 40 ms per page of 50,000 rows).
+pub(crate) fn no_delay(stream: &tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+    }
+}
+
+/// The plain-HTTP listener: axum's own for a `TcpListener`, with [`no_delay`] on each
+/// accepted connection.
+pub struct PlainListener(pub TcpListener);
+
+impl axum::serve::Listener for PlainListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        no_delay(&stream);
+        (stream, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let state = state(config, shutdown.clone())?;
     let cfg = state.config.clone();
@@ -86,7 +116,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         }
         None => {
             tracing::warn!(location = %cfg.location, %addr, "serving plain HTTP: tls_cert_file and tls_key_file are not set; the token and the data travel unencrypted");
-            axum::serve(listener, service)
+            axum::serve(PlainListener(listener), service)
                 .with_graceful_shutdown(async move {
                     token.cancelled().await;
                     schemas::systemd::notify_stopping();
@@ -102,4 +132,22 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     db.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections accepted by the plain-HTTP listener have Nagle's algorithm off.
+    #[tokio::test]
+    async fn plain_connections_are_accepted_without_nagle() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = PlainListener(tcp);
+        assert_eq!(axum::serve::Listener::local_addr(&listener).unwrap(), addr);
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, peer) = axum::serve::Listener::accept(&mut listener).await;
+        assert_eq!(peer, client.local_addr().unwrap());
+        assert!(accepted.nodelay().unwrap());
+    }
 }

@@ -14,6 +14,7 @@ use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::http::{detached, tolerate_busy, AppState};
 use crate::pull_area::Tick;
+use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::header;
@@ -29,6 +30,12 @@ use schemas::{Catalogue, Cursor};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::time::Duration;
+
+/// A `COPY` text page goes out in chunks of about this many bytes.
+const COPY_CHUNK: usize = 256 * 1024;
+
+/// Chunks of a `COPY` text page produced ahead of the network.
+const COPY_CHUNKS_AHEAD: usize = 4;
 
 /// How long a snapshot call waits for SQLite's write lock to make a tick.
 const TICK_PATIENCE: Duration = Duration::from_millis(500);
@@ -139,49 +146,72 @@ impl Db {
     }
 
     /// Rows of catalogue table `table` after key `after` in key order, at most `limit`,
-    /// as `COPY` text ([`schemas::wire::CopyRows`]) with the key image of the last row
-    /// ([`sql::copy_key_image`]);
-    /// `None` on SQLite (the page is served as JSON images).
-    pub async fn snapshot_copy(
+    /// as `COPY` text ([`schemas::wire::CopyRows`]), sent to `out` in chunks of about
+    /// [`COPY_CHUNK`] bytes as the branch produces them. Returns the row count and the
+    /// key image of the last row ([`sql::copy_key_image`]); `None` on SQLite (the page
+    /// is served as JSON images; nothing was sent). When `out` is gone (the client left),
+    /// the `COPY` still runs to its end so that the connection returns clean.
+    pub async fn copy_page_into(
         &self,
         table: &Table,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Option<(CopyRows, Option<String>)>> {
+        out: &tokio::sync::mpsc::Sender<Result<Bytes>>,
+    ) -> Result<Option<(u64, Option<String>)>> {
         let Db::Postgres(pool) = self else {
             return Ok(None);
         };
         let sql = sql::postgres_copy_page(table, after, limit);
         let mut conn = pool.acquire().await?;
-        let mut raw_text = Vec::new();
-        {
-            let mut stream = conn.copy_out_raw(&sql).await?;
-            while let Some(chunk) = stream.next().await {
-                raw_text.extend_from_slice(&chunk?);
+        let mut stream = conn.copy_out_raw(&sql).await?;
+        let mut rows = 0u64;
+        // The last complete line so far, and the bytes after it (a line the branch
+        // splits across messages).
+        let (mut last_line, mut partial) = (Vec::new(), Vec::new());
+        let mut chunk = Vec::with_capacity(COPY_CHUNK);
+        let mut open = true;
+        while let Some(data) = stream.next().await {
+            let data = data?;
+            let newlines = memchr::memchr_iter(b'\n', &data).count() as u64;
+            if newlines > 0 {
+                rows += newlines;
+                let end = memchr::memrchr(b'\n', &data).expect("a newline");
+                match memchr::memrchr(b'\n', &data[..end]) {
+                    Some(start) => {
+                        last_line.clear();
+                        last_line.extend_from_slice(&data[start + 1..end]);
+                    }
+                    None => {
+                        last_line = std::mem::take(&mut partial);
+                        last_line.extend_from_slice(&data[..end]);
+                    }
+                }
+                partial.clear();
+                partial.extend_from_slice(&data[end + 1..]);
+            } else {
+                partial.extend_from_slice(&data);
+            }
+            chunk.extend_from_slice(&data);
+            if chunk.len() >= COPY_CHUNK {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(COPY_CHUNK));
+                open = open && out.send(Ok(Bytes::from(full))).await.is_ok();
             }
         }
+        drop(stream);
         let bad =
             |why: &str| Error::Database(format!("branch produced malformed COPY text: {why}"));
-        if raw_text.last().is_some_and(|&b| b != b'\n') {
+        if !partial.is_empty() {
             return Err(bad("unterminated line"));
         }
-        let rows = memchr::memchr_iter(b'\n', &raw_text).count() as u64;
-        let last_key = match raw_text.strip_suffix(b"\n") {
-            Some(body) => {
-                let line = &body[memchr::memrchr(b'\n', body).map_or(0, |i| i + 1)..];
-                Some(sql::copy_key_image(table, line).ok_or_else(|| bad("key fields"))?)
-            }
-            None => None,
+        if open && !chunk.is_empty() {
+            let _ = out.send(Ok(Bytes::from(chunk))).await;
+        }
+        let last_key = if rows == 0 {
+            None
+        } else {
+            Some(sql::copy_key_image(table, &last_line).ok_or_else(|| bad("key fields"))?)
         };
-        let text = String::from_utf8(raw_text).map_err(|_| bad("not UTF-8"))?;
-        Ok(Some((
-            CopyRows {
-                columns: table.columns.iter().map(|c| c.name.clone()).collect(),
-                rows,
-                text,
-            },
-            last_key,
-        )))
+        Ok(Some((rows, last_key)))
     }
 
     /// A fresh tick when changes are pending (SQLite: if the write lock is free soon),
@@ -255,32 +285,11 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Response> 
             )))
         }
     };
+    if copy && state.db.is_postgres() {
+        return copy_page(state, table, after, limit).await;
+    }
     detached(async move {
         let meta = state.db.meta().await?;
-        if copy {
-            if let Some((rows, last_key)) = state
-                .db
-                .snapshot_copy(&table, after.as_deref(), limit)
-                .await?
-            {
-                let head = state.db.fresh_tick().await?;
-                let full = rows.rows == u64::from(limit);
-                metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(rows.rows);
-                tracing::debug!(table = %table.name, rows = rows.rows, "served snapshot page (COPY text)");
-                let body = wire::encode_copy_page(SnapshotPage {
-                    protocol: wire::PROTOCOL_VERSION,
-                    location: state.config.location.clone(),
-                    instance_id: meta.instance_id,
-                    table: table.name.clone(),
-                    rows: Vec::new(),
-                    copy: Some(rows),
-                    next_after: if full { last_key.map(raw).transpose()? } else { None },
-                    head: cursor(meta.instance_id, &head),
-                })
-                .map_err(|e| Error::Database(format!("encoding a COPY page: {e}")))?;
-                return Ok(([(header::CONTENT_TYPE, wire::COPY_PAGE_CONTENT_TYPE)], body).into_response());
-            }
-        }
         let rows = state
             .db
             .snapshot_page(&table, after.as_deref(), limit)
@@ -313,6 +322,75 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Response> 
         .into_response())
     })
     .await
+}
+
+/// A page of `COPY` text ([`wire::COPY_PAGE_CONTENT_TYPE`]), streamed: the text goes
+/// out while the branch produces it, the trailer (row count, `next_after`, head) after
+/// it. The work runs detached (a client that leaves does not cut the `COPY` short). A
+/// failure before any text is an ordinary error response; one after it ends the body
+/// early, without a trailer, which HQ refuses.
+async fn copy_page(
+    state: AppState,
+    table: Table,
+    after: Option<String>,
+    limit: u32,
+) -> Result<Response> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(COPY_CHUNKS_AHEAD);
+    tokio::spawn(async move {
+        let page = async {
+            let meta = state.db.meta().await?;
+            let Some((rows, last_key)) = state
+                .db
+                .copy_page_into(&table, after.as_deref(), limit, &tx)
+                .await?
+            else {
+                return Err(Error::Database(
+                    "COPY pages need a PostgreSQL branch".into(),
+                ));
+            };
+            let head = state.db.fresh_tick().await?;
+            let full = rows == u64::from(limit);
+            metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(rows);
+            tracing::debug!(table = %table.name, rows, "served snapshot page (COPY text)");
+            wire::encode_copy_trailer(&SnapshotPage {
+                protocol: wire::PROTOCOL_VERSION,
+                location: state.config.location.clone(),
+                instance_id: meta.instance_id,
+                table: table.name.clone(),
+                rows: Vec::new(),
+                copy: Some(CopyRows {
+                    columns: table.columns.iter().map(|c| c.name.clone()).collect(),
+                    rows,
+                    text: String::new(),
+                }),
+                next_after: if full {
+                    last_key.map(raw).transpose()?
+                } else {
+                    None
+                },
+                head: cursor(meta.instance_id, &head),
+            })
+            .map_err(|e| Error::Database(format!("encoding a COPY page: {e}")))
+        }
+        .await;
+        if let Err(e) = &page {
+            tracing::warn!(table = %table.name, error = %e, "snapshot page (COPY text) failed");
+        }
+        let _ = tx.send(page.map(Bytes::from)).await;
+    });
+    // The first chunk decides the status.
+    let first = match rx.recv().await {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => return Err(e),
+        None => return Err(Error::Database("snapshot page task ended early".into())),
+    };
+    let rest = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let body = futures::stream::once(async move { Ok::<_, Error>(first) }).chain(rest);
+    Ok((
+        [(header::CONTENT_TYPE, wire::COPY_PAGE_CONTENT_TYPE)],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 /// `GET /v1/checksums?table=T[&after=KEY]&chunk=N&chunks=M`.

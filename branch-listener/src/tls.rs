@@ -108,6 +108,7 @@ async fn accept_loop(
                 }
             },
         };
+        crate::serve::no_delay(&stream);
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         tokio::spawn(async move {

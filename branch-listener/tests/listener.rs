@@ -1903,6 +1903,52 @@ async fn snapshot_pages_and_checksums(backend: Backend) -> Result<()> {
 }
 both!(snapshot_pages_and_checksums);
 
+/// A `COPY` text page of several MiB (many chunks streamed while the branch produces
+/// them) arrives whole: every line once, in key order, the row count and next key of
+/// its last line in the trailer, and the next page continues right after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_copy_pages_stream_whole_with_their_trailer() -> Result<()> {
+    let b = installed(Backend::Pg).await?;
+    let long = "x".repeat(1000);
+    b.app
+        .exec(&format!(
+            "INSERT INTO products (product_id, sku, name, description, unit_price, currency) \
+             SELECT g, 'sku-' || g, 'name ' || g, '{long}', 1.50, 'EUR' FROM generate_series(1, 6000) g"
+        ))
+        .await?;
+    let server = Server::start(&b.config).await?;
+    let first = get_page(
+        &server,
+        "/v1/snapshot?table=products&limit=5000&format=copy",
+    )
+    .await?;
+    let c = first.copy.as_ref().expect("COPY text on PostgreSQL");
+    assert!(c.text.len() > 5_000_000, "{} bytes", c.text.len());
+    assert_eq!(c.rows, 5000);
+    let ids: Vec<i64> = c
+        .text
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=5000).collect::<Vec<i64>>());
+    assert!(c.text.lines().all(|l| l.contains(&long)));
+    let next = first.next_after.as_ref().map(|k| k.get().to_string());
+    assert_eq!(next.as_deref(), Some(r#"{"product_id":"5000"}"#));
+    let rest = get_page(
+        &server,
+        &format!(
+            "/v1/snapshot?table=products&limit=5000&format=copy&after={}",
+            urlencode(&next.unwrap())
+        ),
+    )
+    .await?;
+    let c = rest.copy.as_ref().unwrap();
+    assert_eq!(c.rows, 1000);
+    assert!(c.text.starts_with("5001\t"));
+    assert!(rest.next_after.is_none(), "the last page");
+    server.stop().await
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| {

@@ -211,36 +211,45 @@ pub struct SnapshotPage {
 pub const SNAPSHOT_FORMAT_COPY: &str = "copy";
 
 /// `Content-Type` of a snapshot page whose rows are `COPY` text ([`encode_copy_page`]):
-/// the page as one line of JSON with `copy.text` empty, a newline, then the `COPY`
-/// text as it is. Carrying the text outside the JSON spares both ends escaping and
-/// unescaping every tab and backslash of it.
-pub const COPY_PAGE_CONTENT_TYPE: &str = "application/vnd.branch-sync.copy-page";
+/// the `COPY` text as it is, then the page as one line of JSON (its trailer, with
+/// `copy.text` empty). Carrying the text outside the JSON spares both ends escaping and
+/// unescaping every tab and backslash of it; the trailer at the end lets the listener
+/// stream the text while the branch still produces it (the page's `next_after` and row
+/// count are known only at its end). A body cut short has no trailer and is refused.
+pub const COPY_PAGE_CONTENT_TYPE: &str = "application/vnd.branch-sync.copy-page.v2";
 
-/// The body of a `COPY` text page ([`COPY_PAGE_CONTENT_TYPE`]); `page.copy` must be set.
+/// The trailer of a `COPY` text page ([`COPY_PAGE_CONTENT_TYPE`]): `page` as one line of
+/// JSON without a newline; `page.copy` must be set and its text empty (the text went
+/// before it).
+pub fn encode_copy_trailer(page: &SnapshotPage) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(page)
+}
+
+/// The whole body of a `COPY` text page ([`COPY_PAGE_CONTENT_TYPE`]): the text of
+/// `page.copy`, then the trailer.
 pub fn encode_copy_page(mut page: SnapshotPage) -> Result<Vec<u8>, serde_json::Error> {
     let text = page
         .copy
         .as_mut()
         .map(|c| std::mem::take(&mut c.text))
         .unwrap_or_default();
-    let mut out = serde_json::to_vec(&page)?;
-    out.reserve(text.len() + 1);
-    out.push(b'\n');
-    out.extend_from_slice(text.as_bytes());
+    let mut out = text.into_bytes();
+    out.extend_from_slice(&encode_copy_trailer(&page)?);
     Ok(out)
 }
 
-/// Reads a body made by [`encode_copy_page`]: the page, with `copy.text` the text after
-/// the first line. The error says what is wrong (no header line, bad JSON, no `copy`,
-/// text that is not UTF-8).
+/// Reads a body made by [`encode_copy_page`]: the page, with `copy.text` the text before
+/// the trailer (everything up to the last newline). The error says what is wrong (no
+/// trailer: a body cut short; bad JSON; no `copy`; text that is not UTF-8).
 pub fn decode_copy_page(mut body: Vec<u8>) -> Result<SnapshotPage, String> {
-    let nl = body
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or("no header line")?;
+    let text_len = memchr::memrchr(b'\n', &body).map_or(0, |i| i + 1);
+    let trailer = &body[text_len..];
+    if !trailer.starts_with(b"{") {
+        return Err("no trailer line (the body was cut short)".into());
+    }
     let mut page: SnapshotPage =
-        serde_json::from_slice(&body[..nl]).map_err(|e| format!("header line: {e}"))?;
-    body.drain(..=nl);
+        serde_json::from_slice(trailer).map_err(|e| format!("trailer line: {e}"))?;
+    body.truncate(text_len);
     let text = String::from_utf8(body).map_err(|e| {
         format!(
             "COPY text is not UTF-8 (at byte {})",
@@ -249,8 +258,8 @@ pub fn decode_copy_page(mut body: Vec<u8>) -> Result<SnapshotPage, String> {
     })?;
     match page.copy.as_mut() {
         Some(c) if c.text.is_empty() => c.text = text,
-        Some(_) => return Err("header line carries COPY text itself".into()),
-        None => return Err("header line has no copy".into()),
+        Some(_) => return Err("trailer line carries COPY text itself".into()),
+        None => return Err("trailer line has no copy".into()),
     }
     Ok(page)
 }
@@ -321,28 +330,31 @@ mod tests {
     fn copy_pages_carry_their_text_outside_the_json() {
         let text = "1\ta\\tb \u{e9}\n2\t\\N\n";
         let body = encode_copy_page(copy_page(text)).unwrap();
-        let nl = body.iter().position(|&b| b == b'\n').unwrap();
-        assert!(body.ends_with(text.as_bytes()));
-        assert_eq!(
-            nl + 1 + text.len(),
-            body.len(),
-            "the text follows the header as it is"
+        assert!(
+            body.starts_with(text.as_bytes()),
+            "the text as it is, first"
         );
+        let mut head = copy_page(text);
+        head.copy.as_mut().unwrap().text.clear();
+        assert_eq!(
+            &body[text.len()..],
+            &encode_copy_trailer(&head).unwrap()[..]
+        );
+        assert!(!body[text.len()..].contains(&b'\n'), "one trailer line");
         let back = decode_copy_page(body).unwrap();
         let c = back.copy.unwrap();
         assert_eq!((c.text.as_str(), c.rows), (text, 2));
         assert_eq!(back.next_after.unwrap().get(), r#"{"product_id":"2"}"#);
         let empty = decode_copy_page(encode_copy_page(copy_page("")).unwrap()).unwrap();
         assert_eq!(empty.copy.unwrap().rows, 0);
+        let whole = encode_copy_page(copy_page("1\ta\n2\tb\n")).unwrap();
         for (body, why) in [
-            (b"{}".to_vec(), "no header line"),
-            (b"{\n1\n".to_vec(), "header line"),
+            (b"".to_vec(), "no trailer"),
+            // Cut inside the text, or inside the trailer.
+            (b"1\ta\n2\t".to_vec(), "no trailer"),
+            (whole[..whole.len() - 3].to_vec(), "trailer line"),
             (
-                [
-                    &encode_copy_page(copy_page("1\ta\n")).unwrap()[..],
-                    b"\xff\n",
-                ]
-                .concat(),
+                [b"\xff\n", &encode_copy_page(copy_page("")).unwrap()[..]].concat(),
                 "not UTF-8",
             ),
         ] {

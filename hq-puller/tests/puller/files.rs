@@ -307,8 +307,11 @@ async fn superseded_file_events_do_not_fail_the_batch() {
         &format!("files_dir = \"{}\"\nbatch_limit = 1", dir.path().display()),
     )
     .await;
-    // Apply the first window only, by hand.
+    // Apply the first window only, by hand (into the partitions a pull would make).
     let app = &hq.app;
+    hq_puller::partitions::ensure(hq.pool(), &app.settings.catalogue, "b01")
+        .await
+        .unwrap();
     let client = app.client("b01").unwrap();
     let fetched = client.changes(None, 1, None).await.unwrap();
     let expected = hq_puller::validate::Expected {
