@@ -119,6 +119,9 @@ struct Branches {
     _dir: tempfile::TempDir,
     listeners: Vec<Child>,
     hq_config: PathBuf,
+    /// Each branch database and its share of W `(inserts, updates, deletes)`, written
+    /// once HQ has loaded the (empty) branches, so that W reaches HQ as changes.
+    backlog: Vec<(PathBuf, (u64, u64, u64))>,
 }
 
 impl Drop for Branches {
@@ -162,6 +165,7 @@ async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
     let hq_token = dir.path().join("hq-token");
     write_private(&hq_token, token)?;
     let mut ports = Vec::new();
+    let mut backlog = Vec::new();
     for i in 0..args.locations {
         let loc = format!("b{:02}", i + 1);
         let db = dir.path().join(format!("{loc}.db"));
@@ -190,7 +194,7 @@ async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
         }
         // Share of W for this branch (the remainder goes to the first branches).
         let share = |x: u64| x / n + u64::from((i as u64) < x % n);
-        sqlite_workload(&db, (share(ins), share(upd), share(del))).await?;
+        backlog.push((db.clone(), (share(ins), share(upd), share(del))));
         let child = Command::new(bins.join("branch-listener"))
             .args(["serve", "--config"])
             .arg(&cfg)
@@ -214,6 +218,7 @@ async fn prepare_ours(args: &Args, hq_url: &str) -> Result<Branches> {
         _dir: dir,
         listeners,
         hq_config,
+        backlog,
     })
 }
 
@@ -243,11 +248,25 @@ async fn run_ours_on(args: &Args, hq_url: &str) -> Result<Ours> {
     if !st.success() {
         bail!("hq-puller migrate failed");
     }
+    // The initial loads of the empty branches first (untimed): then every location has
+    // a cursor and W, written now, reaches HQ as a change backlog, not as snapshot rows.
+    let st = Command::new(&puller)
+        .args(["pull", "--all", "--config"])
+        .arg(&b.hq_config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("hq-puller pull --all (initial loads of the empty branches) failed");
+    }
+    for (db, share) in &b.backlog {
+        sqlite_workload(db, *share).await?;
+    }
     let t0 = Instant::now();
     let mut child = Command::new(&puller)
         .args(["pull", "--all", "--config"])
         .arg(&b.hq_config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("BENCH_APPLY_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .spawn()?;
     let pid = child.id();
