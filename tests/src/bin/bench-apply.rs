@@ -266,7 +266,10 @@ async fn run_ours_on(args: &Args, hq_url: &str) -> Result<Ours> {
     let mut child = Command::new(&puller)
         .args(["pull", "--all", "--config"])
         .arg(&b.hq_config)
-        .env("RUST_LOG", std::env::var("BENCH_APPLY_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_APPLY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()?;
     let pid = child.id();
