@@ -5,6 +5,7 @@ mod docs_coverage;
 mod fake;
 mod files;
 mod fuzz;
+mod partitions;
 
 use fake::{ch, Behaviour, Branch, Fake, TOKEN};
 use hq_puller::config::{self, Settings};
