@@ -65,6 +65,14 @@ fn apply_error(e: sqlx::Error, table: Option<&str>) -> Error {
         ),
         other => format!("{what}: HQ database: {other}"),
     };
+    if let sqlx::Error::Database(db) = &e {
+        if db.code().as_deref() == Some("23514") && db.message().starts_with(NO_PARTITION) {
+            return Error::transient(format!(
+                "{message}: the location's partition is missing (HQ's database lost its \
+                 creation in a crash?); it is made again, the batch is retried"
+            ));
+        }
+    }
     match kind {
         ErrorKind::Permanent => Error::permanent(message),
         ErrorKind::NeedsResync => Error::resync(message),
@@ -152,8 +160,30 @@ pub fn lag_seconds(resp: &ChangesResponse) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Applies a validated batch in one transaction.
+/// PostgreSQL's message for a row whose location has no partition.
+const NO_PARTITION: &str = "no partition of relation";
+
+/// Applies a validated batch in one transaction. A location found without its
+/// partition gets it made again, and the batch fails transiently (retried).
 pub async fn apply_batch(
+    pool: &PgPool,
+    catalogue: &Catalogue,
+    statements: &Statements,
+    location: &str,
+    resp: &ChangesResponse,
+    batch: &CheckedBatch<'_>,
+    files: &crate::files::Plan,
+) -> Result<Applied> {
+    let r =
+        apply_in_one_transaction(pool, catalogue, statements, location, resp, batch, files).await;
+    if matches!(&r, Err(e) if e.to_string().contains(NO_PARTITION)) {
+        crate::partitions::ensure(pool, catalogue, location).await?;
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_in_one_transaction(
     pool: &PgPool,
     catalogue: &Catalogue,
     statements: &Statements,

@@ -887,6 +887,17 @@ async fn insert_page(
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
     let db_error = |e: sqlx::Error| {
         let msg = format!("loading table {table}: {e}");
+        // The load's own table, made at the start of this run, is gone: HQ's database
+        // lost its latest commits in a crash (`synchronous_commit = off`), and with them
+        // every later page. The next run makes it again and resumes from the stored
+        // progress, which lost the same suffix.
+        let undefined =
+            matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01"));
+        if undefined && upserts.target.starts_with("hq_load.") {
+            return Error::transient(format!(
+                "{msg} (HQ's database lost recent commits in a crash?): the load resumes from its stored progress"
+            ));
+        }
         match crate::error::db_error_kind(&e) {
             crate::ErrorKind::Transient => Error::transient(msg),
             _ => Error::permanent(msg),

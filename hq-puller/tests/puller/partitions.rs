@@ -157,3 +157,50 @@ async fn plain_mirror_tables_of_older_versions_load_directly() {
     assert!(!exists(pool, movements, "b01").await);
     assert!(exists(pool, cat.table("products").unwrap(), "b01").await);
 }
+
+/// A streaming location whose partition is gone (HQ's database lost its creation in a
+/// crash) fails its batch transiently, gets the partition again, and the retry applies.
+#[tokio::test]
+async fn a_lost_partition_is_made_again_and_the_batch_retried() {
+    use super::fake::{ch, Branch, Fake};
+    let product = |id: i64| {
+        ch(
+            id,
+            "products",
+            "I",
+            &super::pk(id),
+            Some(&super::product(id, "10.00", "one")),
+        )
+    };
+    let (fake, base) = Fake::start(vec![Branch::new("b01").window(vec![product(1)])]).await;
+    let hq = hq(&[("b01", &base)], "").await;
+    let pool = hq.pool();
+    let products = hq.settings.catalogue.table("products").unwrap();
+    let first = &super::pull(&hq, &["b01"]).await[0];
+    assert!(first.error.is_none(), "{first:?}");
+    // Streaming now; the partition is lost, then a change arrives.
+    sqlx::query(&format!("DROP TABLE {}", sql::partition(products, "b01")))
+        .execute(pool)
+        .await
+        .unwrap();
+    fake.with("b01", |b| b.push_window(vec![product(2)]));
+    // As the service's scheduler runs it (no start-up step in between).
+    let failed = &hq_puller::pull::drain(&hq.app, "b01", None).await.unwrap();
+    let error = failed.error.clone().unwrap_or_default();
+    assert!(error.contains("partition is missing"), "{failed:?}");
+    assert_eq!(failed.error_kind, Some(hq_puller::ErrorKind::Transient));
+    assert!(exists(pool, products, "b01").await, "made again");
+    let retried = &hq_puller::pull::drain(&hq.app, "b01", None).await.unwrap();
+    assert!(retried.error.is_none(), "{retried:?}");
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT product_id FROM hq.products_live WHERE location_id = 'b01' ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        ids,
+        vec![2],
+        "the lost partition's row is gone with it; the new one applies"
+    );
+}
