@@ -174,132 +174,121 @@ pub async fn apply_batch(
     batch: &CheckedBatch<'_>,
     files: &crate::files::Plan,
 ) -> Result<Applied> {
-    let r =
-        apply_in_one_transaction(pool, catalogue, statements, location, resp, batch, files).await;
+    let r = async {
+        let mut tx = pool.begin().await.map_err(|e| apply_error(e, None))?;
+        let stored: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT cursor FROM sync.locations WHERE id = $1 FOR UPDATE")
+                .bind(location)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| apply_error(e, None))?;
+        let Some((stored,)) = stored else {
+            return Err(Error::permanent(format!(
+                "location {location} is not registered in sync.locations (run hq-puller migrate)"
+            )));
+        };
+        if stored != resp.after.map(|c| c.to_string()) {
+            tx.rollback().await.map_err(|e| apply_error(e, None))?;
+            return Ok(Applied::AlreadyApplied);
+        }
+        sqlx::query("SELECT set_config('TimeZone', $1, true)")
+            .bind(&resp.time_zone)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                Error::permanent(format!(
+                    "branch time_zone {:?} is not a zone PostgreSQL knows: {}",
+                    resp.time_zone.chars().take(64).collect::<String>(),
+                    match &e {
+                        sqlx::Error::Database(d) => d.message().to_string(),
+                        o => o.to_string(),
+                    }
+                ))
+            })?;
+
+        // Files before the cursor (invariant 6): placed and recorded in this transaction.
+        if !files.is_empty() {
+            crate::files::place_and_record(&mut tx, location, files).await?;
+        }
+
+        // Newest change per (table, key).
+        let mut newest: HashMap<(usize, &str), usize> = HashMap::new();
+        for (i, c) in batch.changes.iter().enumerate() {
+            newest
+                .entry((c.table, c.key.as_str()))
+                .and_modify(|j| {
+                    if batch.changes[*j].seq < c.seq {
+                        *j = i
+                    }
+                })
+                .or_insert(i);
+        }
+        let mut per_table: Vec<Vec<usize>> = vec![Vec::new(); catalogue.tables.len()];
+        for i in newest.into_values() {
+            per_table[batch.changes[i].table].push(i);
+        }
+        let mut rows = 0u64;
+        for (ti, idx) in per_table.iter_mut().enumerate() {
+            if idx.is_empty() {
+                continue;
+            }
+            idx.sort_unstable_by_key(|i| batch.changes[*i].seq);
+            let json = images_json(idx.iter().map(|i| {
+                let c = &batch.changes[*i];
+                (c.image, c.seq, c.deleted)
+            }));
+            let table = &catalogue.tables[ti];
+            let r = match sqlx::query(&statements.upserts[ti])
+                .bind(&json)
+                .bind(location)
+                .execute(&mut *tx)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let is_data = matches!(&e, sqlx::Error::Database(d)
+                        if d.code().is_some_and(|c| c.starts_with("22")));
+                    drop(tx); // rolls back
+                    let column = if is_data {
+                        guilty_column(pool, table, &json, &resp.time_zone).await
+                    } else {
+                        None
+                    };
+                    return Err(apply_error(
+                        e,
+                        Some(&match column {
+                            Some(c) => format!("{}, column {}.{c}", table.name, table.name),
+                            None => table.name.clone(),
+                        }),
+                    ));
+                }
+            };
+            rows += r.rows_affected();
+        }
+
+        let lag = lag_seconds(resp);
+        sqlx::query(
+            "UPDATE sync.locations SET cursor = $2, instance_id = $3, state = 'ok', paused_reason = NULL, \
+             last_success_at = now(), backlog = $4, lag_seconds = $5, \
+             applied_changes = applied_changes + $6, updated_at = now() WHERE id = $1",
+        )
+        .bind(location)
+        .bind(resp.next.to_string())
+        .bind(resp.instance_id)
+        .bind(i64::try_from(resp.backlog).unwrap_or(i64::MAX))
+        .bind(lag)
+        .bind((batch.changes.len() + batch.files.len()) as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| apply_error(e, None))?;
+        tx.commit().await.map_err(|e| apply_error(e, None))?;
+        Ok(Applied::Committed { rows })
+    }
+    .await;
     if matches!(&r, Err(e) if e.to_string().contains(NO_PARTITION)) {
         crate::partitions::ensure(pool, catalogue, location).await?;
     }
     r
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn apply_in_one_transaction(
-    pool: &PgPool,
-    catalogue: &Catalogue,
-    statements: &Statements,
-    location: &str,
-    resp: &ChangesResponse,
-    batch: &CheckedBatch<'_>,
-    files: &crate::files::Plan,
-) -> Result<Applied> {
-    let mut tx = pool.begin().await.map_err(|e| apply_error(e, None))?;
-    let stored: Option<(Option<String>,)> =
-        sqlx::query_as("SELECT cursor FROM sync.locations WHERE id = $1 FOR UPDATE")
-            .bind(location)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| apply_error(e, None))?;
-    let Some((stored,)) = stored else {
-        return Err(Error::permanent(format!(
-            "location {location} is not registered in sync.locations (run hq-puller migrate)"
-        )));
-    };
-    if stored != resp.after.map(|c| c.to_string()) {
-        tx.rollback().await.map_err(|e| apply_error(e, None))?;
-        return Ok(Applied::AlreadyApplied);
-    }
-    sqlx::query("SELECT set_config('TimeZone', $1, true)")
-        .bind(&resp.time_zone)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| {
-            Error::permanent(format!(
-                "branch time_zone {:?} is not a zone PostgreSQL knows: {}",
-                resp.time_zone.chars().take(64).collect::<String>(),
-                match &e {
-                    sqlx::Error::Database(d) => d.message().to_string(),
-                    o => o.to_string(),
-                }
-            ))
-        })?;
-
-    // Files before the cursor (invariant 6): placed and recorded in this transaction.
-    if !files.is_empty() {
-        crate::files::place_and_record(&mut tx, location, files).await?;
-    }
-
-    // Newest change per (table, key).
-    let mut newest: HashMap<(usize, &str), usize> = HashMap::new();
-    for (i, c) in batch.changes.iter().enumerate() {
-        newest
-            .entry((c.table, c.key.as_str()))
-            .and_modify(|j| {
-                if batch.changes[*j].seq < c.seq {
-                    *j = i
-                }
-            })
-            .or_insert(i);
-    }
-    let mut per_table: Vec<Vec<usize>> = vec![Vec::new(); catalogue.tables.len()];
-    for i in newest.into_values() {
-        per_table[batch.changes[i].table].push(i);
-    }
-    let mut rows = 0u64;
-    for (ti, idx) in per_table.iter_mut().enumerate() {
-        if idx.is_empty() {
-            continue;
-        }
-        idx.sort_unstable_by_key(|i| batch.changes[*i].seq);
-        let json = images_json(idx.iter().map(|i| {
-            let c = &batch.changes[*i];
-            (c.image, c.seq, c.deleted)
-        }));
-        let table = &catalogue.tables[ti];
-        let r = match sqlx::query(&statements.upserts[ti])
-            .bind(&json)
-            .bind(location)
-            .execute(&mut *tx)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                let is_data = matches!(&e, sqlx::Error::Database(d)
-                    if d.code().is_some_and(|c| c.starts_with("22")));
-                drop(tx); // rolls back
-                let column = if is_data {
-                    guilty_column(pool, table, &json, &resp.time_zone).await
-                } else {
-                    None
-                };
-                return Err(apply_error(
-                    e,
-                    Some(&match column {
-                        Some(c) => format!("{}, column {}.{c}", table.name, table.name),
-                        None => table.name.clone(),
-                    }),
-                ));
-            }
-        };
-        rows += r.rows_affected();
-    }
-
-    let lag = lag_seconds(resp);
-    sqlx::query(
-        "UPDATE sync.locations SET cursor = $2, instance_id = $3, state = 'ok', paused_reason = NULL, \
-         last_success_at = now(), backlog = $4, lag_seconds = $5, \
-         applied_changes = applied_changes + $6, updated_at = now() WHERE id = $1",
-    )
-    .bind(location)
-    .bind(resp.next.to_string())
-    .bind(resp.instance_id)
-    .bind(i64::try_from(resp.backlog).unwrap_or(i64::MAX))
-    .bind(lag)
-    .bind((batch.changes.len() + batch.files.len()) as i64)
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| apply_error(e, None))?;
-    tx.commit().await.map_err(|e| apply_error(e, None))?;
-    Ok(Applied::Committed { rows })
 }
 
 #[cfg(test)]
