@@ -312,6 +312,23 @@ async fn run_ours(args: &Args, s: Scenario) -> Result<Samples> {
             .with_context(|| format!("running {sql}"))?;
     }
     hq.start()?;
+    // HQ's initial load of the seed first: rows of a load arrive by ATTACH, which fires
+    // no row trigger, so a marker must be a change after it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let loaded: Option<String> =
+            sqlx::query_scalar("SELECT cursor FROM sync.locations WHERE id = 'b01'")
+                .fetch_optional(&hq.pool)
+                .await?
+                .flatten();
+        if loaded.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{}: HQ did not load the branch within 120 s", s.name());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (n, rate) = if stream {
         (args.samples, args.marker_rate)
     } else {
@@ -319,6 +336,17 @@ async fn run_ours(args: &Args, s: Scenario) -> Result<Samples> {
     };
     let r = measure(&writer, &hq_url, n, rate, args.load).await;
     if r.is_err() {
+        let markers: Result<i64, _> = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM hq.products WHERE product_id >= {MARKER_BASE}"
+        ))
+        .fetch_one(&hq.pool)
+        .await;
+        let triggers: Result<Vec<String>, _> = sqlx::query_scalar(
+            "SELECT tgrelid::regclass::text || ' ' || tgname || ' ' || tgenabled::text FROM pg_trigger WHERE NOT tgisinternal",
+        )
+        .fetch_all(&hq.pool)
+        .await;
+        eprintln!("--- markers at HQ: {markers:?}; triggers: {triggers:?}");
         eprintln!(
             "--- hq-puller log tail ---\n{}\n--- branch-listener log tail ---\n{}",
             hq.log_tail(30),
