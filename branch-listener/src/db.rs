@@ -18,12 +18,6 @@ pub enum Db {
     Postgres(PgPool),
 }
 
-impl Db {
-    pub fn is_postgres(&self) -> bool {
-        matches!(self, Db::Postgres(_))
-    }
-}
-
 /// How long a request waits for a pooled connection before answering 503.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a SQLite statement waits for a lock held by the application.

@@ -26,9 +26,6 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState> {
     })
 }
 
-/// Serves on `listener` until `shutdown` is cancelled: then stops accepting, ends
-/// long-polls (they answer with what they have), waits for in-flight requests and the
-/// background tasks, and returns.
 /// Turns Nagle's algorithm off on an accepted connection. A response's last bytes are
 /// often a small segment written after larger ones (the end of a streamed page, of a
 /// file): with Nagle on, the kernel holds it until the peer acknowledges the data before
@@ -59,6 +56,9 @@ impl axum::serve::Listener for PlainListener {
     }
 }
 
+/// Serves on `listener` until `shutdown` is cancelled: then stops accepting, ends
+/// long-polls (they answer with what they have), waits for in-flight requests and the
+/// background tasks, and returns.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let state = state(config, shutdown.clone())?;
     let cfg = state.config.clone();

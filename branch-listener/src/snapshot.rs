@@ -145,75 +145,6 @@ impl Db {
         })
     }
 
-    /// Rows of catalogue table `table` after key `after` in key order, at most `limit`,
-    /// as `COPY` text ([`schemas::wire::CopyRows`]), sent to `out` in chunks of about
-    /// [`COPY_CHUNK`] bytes as the branch produces them. Returns the row count and the
-    /// key image of the last row ([`sql::copy_key_image`]); `None` on SQLite (the page
-    /// is served as JSON images; nothing was sent). When `out` is gone (the client left),
-    /// the `COPY` still runs to its end so that the connection returns clean.
-    pub async fn copy_page_into(
-        &self,
-        table: &Table,
-        after: Option<&str>,
-        limit: u32,
-        out: &tokio::sync::mpsc::Sender<Result<Bytes>>,
-    ) -> Result<Option<(u64, Option<String>)>> {
-        let Db::Postgres(pool) = self else {
-            return Ok(None);
-        };
-        let sql = sql::postgres_copy_page(table, after, limit);
-        let mut conn = pool.acquire().await?;
-        let mut stream = conn.copy_out_raw(&sql).await?;
-        let mut rows = 0u64;
-        // The last complete line so far, and the bytes after it (a line the branch
-        // splits across messages).
-        let (mut last_line, mut partial) = (Vec::new(), Vec::new());
-        let mut chunk = Vec::with_capacity(COPY_CHUNK);
-        let mut open = true;
-        while let Some(data) = stream.next().await {
-            let data = data?;
-            let newlines = memchr::memchr_iter(b'\n', &data).count() as u64;
-            if newlines > 0 {
-                rows += newlines;
-                let end = memchr::memrchr(b'\n', &data).expect("a newline");
-                match memchr::memrchr(b'\n', &data[..end]) {
-                    Some(start) => {
-                        last_line.clear();
-                        last_line.extend_from_slice(&data[start + 1..end]);
-                    }
-                    None => {
-                        last_line = std::mem::take(&mut partial);
-                        last_line.extend_from_slice(&data[..end]);
-                    }
-                }
-                partial.clear();
-                partial.extend_from_slice(&data[end + 1..]);
-            } else {
-                partial.extend_from_slice(&data);
-            }
-            chunk.extend_from_slice(&data);
-            if chunk.len() >= COPY_CHUNK {
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(COPY_CHUNK));
-                open = open && out.send(Ok(Bytes::from(full))).await.is_ok();
-            }
-        }
-        drop(stream);
-        let bad =
-            |why: &str| Error::Database(format!("branch produced malformed COPY text: {why}"));
-        if !partial.is_empty() {
-            return Err(bad("unterminated line"));
-        }
-        if open && !chunk.is_empty() {
-            let _ = out.send(Ok(Bytes::from(chunk))).await;
-        }
-        let last_key = if rows == 0 {
-            None
-        } else {
-            Some(sql::copy_key_image(table, &last_line).ok_or_else(|| bad("key fields"))?)
-        };
-        Ok(Some((rows, last_key)))
-    }
-
     /// A fresh tick when changes are pending (SQLite: if the write lock is free soon),
     /// then the newest tick.
     async fn fresh_tick(&self) -> Result<Tick> {
@@ -285,8 +216,9 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Response> 
             )))
         }
     };
-    if copy && state.db.is_postgres() {
-        return copy_page(state, table, after, limit).await;
+    if let (true, Db::Postgres(pool)) = (copy, &state.db) {
+        let pool = pool.clone();
+        return copy_page(state, pool, table, after, limit).await;
     }
     detached(async move {
         let meta = state.db.meta().await?;
@@ -324,6 +256,71 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Response> 
     .await
 }
 
+/// Rows of catalogue table `table` after key `after` in key order, at most `limit`,
+/// as `COPY` text ([`schemas::wire::CopyRows`]), sent to `out` in chunks of about
+/// [`COPY_CHUNK`] bytes as the branch produces them. Returns the row count and the
+/// key image of the last row ([`sql::copy_key_image`]). When `out` is gone (the
+/// client left), the `COPY` still runs to its end so that the connection returns
+/// clean.
+async fn copy_page_into(
+    pool: &sqlx::PgPool,
+    table: &Table,
+    after: Option<&str>,
+    limit: u32,
+    out: &tokio::sync::mpsc::Sender<Result<Bytes>>,
+) -> Result<(u64, Option<String>)> {
+    let sql = sql::postgres_copy_page(table, after, limit);
+    let mut conn = pool.acquire().await?;
+    let mut stream = conn.copy_out_raw(&sql).await?;
+    let mut rows = 0u64;
+    // The last complete line so far, and the bytes after it (a line the branch
+    // splits across messages).
+    let (mut last_line, mut partial) = (Vec::new(), Vec::new());
+    let mut chunk = Vec::with_capacity(COPY_CHUNK);
+    let mut open = true;
+    while let Some(data) = stream.next().await {
+        let data = data?;
+        let newlines = memchr::memchr_iter(b'\n', &data).count() as u64;
+        if newlines > 0 {
+            rows += newlines;
+            let end = memchr::memrchr(b'\n', &data).expect("a newline");
+            match memchr::memrchr(b'\n', &data[..end]) {
+                Some(start) => {
+                    last_line.clear();
+                    last_line.extend_from_slice(&data[start + 1..end]);
+                }
+                None => {
+                    last_line = std::mem::take(&mut partial);
+                    last_line.extend_from_slice(&data[..end]);
+                }
+            }
+            partial.clear();
+            partial.extend_from_slice(&data[end + 1..]);
+        } else {
+            partial.extend_from_slice(&data);
+        }
+        chunk.extend_from_slice(&data);
+        if chunk.len() >= COPY_CHUNK {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(COPY_CHUNK));
+            open = open && out.send(Ok(Bytes::from(full))).await.is_ok();
+        }
+    }
+    drop(stream);
+    let bad = |why: &str| Error::Database(format!("branch produced malformed COPY text: {why}"));
+    if !partial.is_empty() {
+        return Err(bad("unterminated line"));
+    }
+    if open && !chunk.is_empty() {
+        let _ = out.send(Ok(Bytes::from(chunk))).await;
+    }
+    let last_key = if rows == 0 {
+        None
+    } else {
+        Some(sql::copy_key_image(table, &last_line).ok_or_else(|| bad("key fields"))?)
+    };
+    Ok((rows, last_key))
+}
+
 /// A page of `COPY` text ([`wire::COPY_PAGE_CONTENT_TYPE`]), streamed: the text goes
 /// out while the branch produces it, the trailer (row count, `next_after`, head) after
 /// it. The work runs detached (a client that leaves does not cut the `COPY` short). A
@@ -331,6 +328,7 @@ pub async fn page(State(state): State<AppState>, q: Params) -> Result<Response> 
 /// early, without a trailer, which HQ refuses.
 async fn copy_page(
     state: AppState,
+    pool: sqlx::PgPool,
     table: Table,
     after: Option<String>,
     limit: u32,
@@ -339,15 +337,8 @@ async fn copy_page(
     tokio::spawn(async move {
         let page = async {
             let meta = state.db.meta().await?;
-            let Some((rows, last_key)) = state
-                .db
-                .copy_page_into(&table, after.as_deref(), limit, &tx)
-                .await?
-            else {
-                return Err(Error::Database(
-                    "COPY pages need a PostgreSQL branch".into(),
-                ));
-            };
+            let (rows, last_key) =
+                copy_page_into(&pool, &table, after.as_deref(), limit, &tx).await?;
             let head = state.db.fresh_tick().await?;
             let full = rows == u64::from(limit);
             metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(rows);
