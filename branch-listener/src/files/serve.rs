@@ -80,6 +80,50 @@ const STREAM_CHUNK: usize = 1 << 20;
 /// Streamed chunks read ahead of the network (bounded memory: a few MiB per download).
 const STREAM_AHEAD: usize = 4;
 
+/// Read buffers kept for reuse: a fresh buffer of a whole read costs a page fault per
+/// 4 KiB (zeroed by the kernel) and the allocator's work, more than reading the file
+/// from the page cache (tests/bench/notes/files.md).
+static BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// Buffers kept in [`BUFFERS`] (HQ fetches up to 32 contents at a time).
+const BUFFERS_KEEP: usize = 32;
+
+/// A read buffer from [`BUFFERS`], given back when the body that holds it is dropped.
+struct Pooled(Vec<u8>);
+
+impl Pooled {
+    /// `len` bytes read from `file` into a pooled buffer.
+    fn read(file: &mut std::fs::File, len: u64) -> std::io::Result<Pooled> {
+        use std::io::Read;
+        let pooled = BUFFERS.lock().ok().and_then(|mut b| b.pop());
+        let mut buf = Pooled(pooled.unwrap_or_default());
+        buf.0.reserve(READ_WHOLE.max(len) as usize);
+        file.take(len).read_to_end(&mut buf.0)?;
+        if buf.0.len() as u64 != len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(buf)
+    }
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.0);
+        buf.clear();
+        if let Ok(mut b) = BUFFERS.lock() {
+            if b.len() < BUFFERS_KEEP {
+                b.push(buf);
+            }
+        }
+    }
+}
+
 /// The served part of a file.
 #[derive(Clone, Copy)]
 struct Part {
@@ -93,7 +137,7 @@ struct Part {
 /// What is served for a request, found and read by one blocking call.
 enum Served {
     Unsatisfiable { size: u64 },
-    Whole { part: Part, bytes: Vec<u8> },
+    Whole { part: Part, bytes: Pooled },
     Stream { part: Part, file: std::fs::File },
 }
 
@@ -105,7 +149,7 @@ fn open_and_read(
     candidates: Vec<(String, i64)>,
     range: Option<&str>,
 ) -> Option<std::io::Result<Served>> {
-    use std::io::{Read, Seek};
+    use std::io::Seek;
     let canonical_root = std::fs::canonicalize(root).ok()?;
     for (path, size) in candidates {
         if schemas::files::check_path(&path).is_err() {
@@ -149,11 +193,7 @@ fn open_and_read(
             if part.len > READ_WHOLE {
                 return Ok(Served::Stream { part, file });
             }
-            let mut bytes = Vec::with_capacity(part.len as usize);
-            (&mut file).take(part.len).read_to_end(&mut bytes)?;
-            if bytes.len() as u64 != part.len {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
+            let bytes = Pooled::read(&mut file, part.len)?;
             Ok(Served::Whole { part, bytes })
         };
         return Some(read());
@@ -165,18 +205,12 @@ fn open_and_read(
 /// of them ahead of the network. A read error ends the body early (HQ sees a short
 /// download and resumes it).
 fn stream_body(mut file: std::fs::File, len: u64) -> Body {
-    use std::io::Read;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(STREAM_AHEAD);
     tokio::task::spawn_blocking(move || {
         let mut left = len;
         while left > 0 {
             let n = left.min(STREAM_CHUNK as u64);
-            let mut buf = Vec::with_capacity(n as usize);
-            let r = match (&mut file).take(n).read_to_end(&mut buf) {
-                Ok(got) if got as u64 == n => Ok(Bytes::from(buf)),
-                Ok(_) => Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Err(e) => Err(e),
-            };
+            let r = Pooled::read(&mut file, n).map(Bytes::from_owner);
             let failed = r.is_err();
             if tx.blocking_send(r).is_err() || failed {
                 return;
@@ -224,7 +258,7 @@ pub async fn get_file(
             )
                 .into_response())
         }
-        Served::Whole { part, bytes } => (part, Body::from(bytes)),
+        Served::Whole { part, bytes } => (part, Body::from(Bytes::from_owner(bytes))),
         Served::Stream { part, file } => (part, stream_body(file, part.len)),
     };
     let Part {

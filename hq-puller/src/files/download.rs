@@ -6,6 +6,7 @@
 //! [`ATTEMPTS`] times; then the batch fails (transient: retried with backoff), nothing
 //! is stored and the cursor does not move.
 
+use super::direct::{Aligned, Sink};
 use super::Store;
 use crate::client::{describe, http_error, Client};
 use crate::error::{Error, Result};
@@ -37,11 +38,8 @@ enum Attempt {
     Throttled(std::time::Duration),
 }
 
-/// The network delivers chunks of a few KiB; they are gathered into one `writev` per
-/// 512 KiB (a typical image is one write).
-const WRITE_BUFFER: usize = 512 * 1024;
-
-/// Write-behind for large files: every [`WRITE_BEHIND`] bytes written, an `fdatasync`
+/// Write-behind for large files written without `O_DIRECT` (resumed, or where the file
+/// system refuses it): every [`WRITE_BEHIND`] bytes written, an `fdatasync`
 /// of the file starts in the background (one at a time), so the disk writes while the
 /// network delivers and the final fsync waits only for the tail instead of the whole
 /// file. The final `sync_all` stays the durability point; a background sync's error
@@ -92,38 +90,50 @@ fn write_part(
     hash_apart: bool,
 ) -> std::io::Result<(Sha256, u64)> {
     let mut hasher = Sha256::new();
-    let (file, mut total) = if resume {
+    let (mut sink, mut total) = if resume {
         let n = schemas::files::hash_into(&mut std::fs::File::open(part)?, &mut hasher)?;
-        (std::fs::OpenOptions::new().append(true).open(part)?, n)
+        (Sink::append(part, n)?, n)
     } else {
-        (create_file(part)?, 0)
+        (Sink::create(part, create_file)?, 0)
     };
     let mut hashing = Hashing::new(hasher, hash_apart);
-    let mut out = Gather::new(file);
+    let mut buf = Aligned::take();
     let mut mark = total;
     let mut behind: Behind = None;
     let r = (|| {
         for chunk in chunks {
             hashing.update(&chunk);
             total += chunk.len() as u64;
-            out.push(chunk)?;
-            if total - mark >= WRITE_BEHIND && behind.as_ref().is_none_or(|h| h.is_finished()) {
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                rest = &rest[buf.fill(rest)..];
+                if buf.is_full() {
+                    sink.write(&mut buf)?;
+                }
+            }
+            // Direct writes are on the disk when they return: write-behind is for ordinary
+            // ones only.
+            if !sink.is_direct()
+                && total - mark >= WRITE_BEHIND
+                && behind.as_ref().is_none_or(|h| h.is_finished())
+            {
                 join_behind(&mut behind)?;
-                out.flush()?;
-                let clone = out.file.try_clone()?;
+                sink.write(&mut buf)?;
+                let clone = sink.file.try_clone()?;
                 behind = Some(std::thread::spawn(move || clone.sync_data()));
                 mark = total;
             }
         }
-        out.flush()
+        sink.finish(&mut buf)
     })();
+    buf.give();
     let hashed = hashing.finish();
     // Always joined: its error must not be lost.
     let synced = join_behind(&mut behind);
     r?;
     synced?;
     let hasher = hashed?;
-    out.file.sync_all()?;
+    sink.file.sync_all()?;
     Ok((hasher, total))
 }
 
@@ -181,51 +191,6 @@ impl Hashing {
     }
 }
 
-/// Received chunks gathered into one `writev` per [`WRITE_BUFFER`] bytes (no copy into
-/// a buffer of our own).
-struct Gather {
-    file: std::fs::File,
-    pending: Vec<Bytes>,
-    len: usize,
-}
-
-impl Gather {
-    fn new(file: std::fs::File) -> Gather {
-        Gather {
-            file,
-            pending: Vec::new(),
-            len: 0,
-        }
-    }
-
-    fn push(&mut self, chunk: Bytes) -> std::io::Result<()> {
-        self.len += chunk.len();
-        self.pending.push(chunk);
-        if self.len >= WRITE_BUFFER {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Writes everything pending.
-    fn flush(&mut self) -> std::io::Result<()> {
-        use std::io::{IoSlice, Write};
-        let mut slices: Vec<IoSlice> = self.pending.iter().map(|c| IoSlice::new(c)).collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            match self.file.write_vectored(rest) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.pending.clear();
-        self.len = 0;
-        Ok(())
-    }
-}
-
 /// 429 answers waited out per content before the batch fails (and backs off).
 const THROTTLED_WAITS: usize = 120;
 
@@ -260,14 +225,24 @@ pub fn create_dirs(dir: &Path) -> Result<()> {
     make_dirs(dir).map_err(|e| io_err("creating", dir, e))
 }
 
-/// Creates (truncates) `path`, making its directory first if it is missing (checked
-/// only on failure: no extra system call per file when it exists).
-fn create_file(path: &Path) -> std::io::Result<std::fs::File> {
+/// Creates (truncates) `path` opened with the extra open `flags`, making its directory
+/// first if it is missing (checked only on failure: no extra system call per file when
+/// it exists).
+fn create_file(path: &Path, flags: i32) -> std::io::Result<std::fs::File> {
     use std::io::ErrorKind::{NotADirectory, NotFound};
-    match std::fs::File::create(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open() {
         Err(e) if matches!(e.kind(), NotFound | NotADirectory) => {
             make_dirs(path.parent().expect("a file in a directory"))?;
-            std::fs::File::create(path)
+            open()
         }
         r => r,
     }

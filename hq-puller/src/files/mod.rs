@@ -17,6 +17,7 @@
 //! listener answering `file_not_found` means a later event supersedes this one: it is
 //! recorded as `superseded` and the batch goes on.
 
+pub mod direct;
 pub mod download;
 pub mod gc;
 pub mod place;
