@@ -12,8 +12,9 @@ use std::time::Duration;
 pub enum Db {
     Sqlite {
         pool: SqlitePool,
-        /// Kept to open the dedicated `PRAGMA data_version` connection of the wake task.
-        options: Box<SqliteConnectOptions>,
+        /// Kept to open the dedicated `PRAGMA data_version` connection of the wake task
+        /// (shared: the state holding it is cloned per request).
+        options: std::sync::Arc<SqliteConnectOptions>,
     },
     Postgres(PgPool),
 }
@@ -44,7 +45,7 @@ impl Db {
                     .connect_lazy_with(options.clone());
                 Ok(Db::Sqlite {
                     pool,
-                    options: Box::new(options),
+                    options: std::sync::Arc::new(options),
                 })
             }
             Backend::Postgres => {

@@ -277,35 +277,46 @@ pub async fn fetch(
     size: i64,
 ) -> Result<Fetched> {
     let object = store.object(sha256);
-    if let Ok(meta) = tokio::fs::metadata(&object).await {
-        if i64::try_from(meta.len()).ok() == Some(size) {
-            return Ok(Fetched::Stored);
-        }
-    }
+    // Per location: two locations fetching the same content never share a partial file
+    // (both then rename identical, verified content onto the same object).
+    let part = store.tmp_dir().join(format!("{sha256}.{location}.part"));
+    let size = u64::try_from(size).unwrap_or(0);
+    // One blocking call for both looks (a typical image makes two in all: this one and
+    // the one that writes, verifies and stores it).
+    let (o, p) = (object.clone(), part.clone());
+    let Some(mut have) =
+        blocking(move || part_to_resume(&o, &p, size).map_err(|e| io_err("reading", &p, e)))
+            .await?
+    else {
+        return Ok(Fetched::Stored);
+    };
     let _slot = DOWNLOAD_SLOTS
         .acquire()
         .await
         .map_err(|e| Error::Other(format!("download slots: {e}")))?;
-    let tmp_dir = store.tmp_dir();
-    // Per location: two locations fetching the same content never share a partial file
-    // (both then rename identical, verified content onto the same object).
-    let part = tmp_dir.join(format!("{sha256}.{location}.part"));
     let mut last = String::new();
     let mut attempt = 0;
     let mut throttled = 0;
     while attempt < ATTEMPTS {
         attempt += 1;
-        match attempt_once(client, &part, location, path, sha256, size).await? {
+        if attempt > 1 || throttled > 0 {
+            let p = part.clone();
+            have = blocking(move || Ok(part_len(&p, size))).await?;
+        }
+        let target = Target {
+            part: &part,
+            object: &object,
+            sha256,
+            size,
+            have,
+        };
+        match attempt_once(client, &target, location, path).await? {
             Ok(None) => {
                 // Superseded.
                 let _ = tokio::fs::remove_file(&part).await;
                 return Ok(Fetched::Superseded);
             }
             Ok(Some(bytes)) => {
-                let (from, to) = (part.clone(), object.clone());
-                tokio::task::spawn_blocking(move || rename_into(&from, &to))
-                    .await
-                    .map_err(|e| Error::Other(format!("file store task: {e}")))??;
                 // The object directory is fsync'ed with the placement, before the
                 // batch commits (one fsync per directory, not per file).
                 metrics::counter!(m::FILES_DOWNLOADED, "location" => location.to_string())
@@ -350,25 +361,106 @@ pub async fn fetch(
     )))
 }
 
-/// One request. `Ok(Ok(Some(n)))`: complete and verified in `part`; `Ok(Ok(None))`:
-/// superseded; `Ok(Err(_))`: retry; `Err(_)`: give up (refused, local I/O).
-async fn attempt_once(
-    client: &Client,
-    part: &Path,
-    location: &str,
-    path: &str,
-    sha256: &str,
-    size: i64,
-) -> Result<std::result::Result<Option<u64>, Attempt>> {
-    let size = u64::try_from(size).unwrap_or(0);
-    let mut have = match tokio::fs::metadata(part).await {
+/// Where one content goes, and what is known of it.
+struct Target<'a> {
+    part: &'a Path,
+    object: &'a Path,
+    sha256: &'a str,
+    size: u64,
+    /// Bytes of `part` already on disk (resumed with `Range`).
+    have: u64,
+}
+
+/// Runs a blocking file-store call on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Other(format!("file store task: {e}")))?
+}
+
+/// `None` when `object` is already stored with `size` bytes; else the bytes of `part`
+/// to resume from (see [`part_len`]).
+fn part_to_resume(object: &Path, part: &Path, size: u64) -> std::io::Result<Option<u64>> {
+    match std::fs::metadata(object) {
+        Ok(meta) if meta.len() == size => Ok(None),
+        _ => Ok(Some(part_len(part, size))),
+    }
+}
+
+/// Bytes of `part` to resume from: 0 when missing, or longer than the content (then
+/// removed).
+fn part_len(part: &Path, size: u64) -> u64 {
+    match std::fs::metadata(part) {
         Ok(m) if m.len() <= size => m.len(),
         Ok(_) => {
-            let _ = tokio::fs::remove_file(part).await;
+            let _ = std::fs::remove_file(part);
             0
         }
         Err(_) => 0,
-    };
+    }
+}
+
+/// What one attempt left in `part`.
+enum Verdict {
+    /// Verified and renamed onto the object: its length.
+    Stored(u64),
+    /// Wrong size or checksum.
+    Mismatch(String),
+    /// The download stopped early (kept for a resume).
+    Incomplete,
+}
+
+/// A [`Target`]'s paths and expectations, owned for a blocking call.
+struct Owned {
+    part: std::path::PathBuf,
+    object: std::path::PathBuf,
+    sha256: String,
+    size: u64,
+}
+
+/// Verifies what was written (`hasher` over `on_disk` bytes) when the download was
+/// `complete`, and stores it: renamed onto the object (its directory is fsync'ed with
+/// the placement). Blocking.
+fn verify_and_store(
+    t: &Owned,
+    (hasher, on_disk): (Sha256, u64),
+    complete: bool,
+) -> Result<Verdict> {
+    if !complete {
+        return Ok(Verdict::Incomplete);
+    }
+    if on_disk != t.size {
+        return Ok(Verdict::Mismatch(format!(
+            "size {on_disk} bytes, the event says {}",
+            t.size
+        )));
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != t.sha256 {
+        return Ok(Verdict::Mismatch(format!(
+            "sha256 {got}, expected {}",
+            t.sha256
+        )));
+    }
+    rename_into(&t.part, &t.object)?;
+    Ok(Verdict::Stored(on_disk))
+}
+
+/// One request. `Ok(Ok(Some(n)))`: complete, verified and stored; `Ok(Ok(None))`:
+/// superseded; `Ok(Err(_))`: retry; `Err(_)`: give up (refused, local I/O).
+async fn attempt_once(
+    client: &Client,
+    target: &Target<'_>,
+    location: &str,
+    path: &str,
+) -> Result<std::result::Result<Option<u64>, Attempt>> {
+    let Target {
+        part,
+        sha256,
+        size,
+        mut have,
+        ..
+    } = *target;
     let mut req = client.file_request(sha256)?;
     if have > 0 {
         req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
@@ -418,17 +510,22 @@ async fn attempt_once(
     if !resumed {
         have = 0;
     }
-    // A short download is gathered and written in one blocking call; a long one streams
-    // to a writer thread as it arrives.
+    // A short download is gathered, then written, verified and stored by one blocking
+    // call; a long one streams to a writer thread as it arrives.
     let gather = size.saturating_sub(have) <= GATHER_MAX;
-    let owned = part.to_path_buf();
-    let (tx, mut writer) = if gather {
+    let owned = Owned {
+        part: part.to_path_buf(),
+        object: target.object.to_path_buf(),
+        sha256: sha256.to_string(),
+        size,
+    };
+    let (tx, writer) = if gather {
         (None, None)
     } else {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITER_QUEUE);
-        let owned = owned.clone();
+        let p = owned.part.clone();
         let chunks = std::iter::from_fn(move || rx.blocking_recv());
-        let w = tokio::task::spawn_blocking(move || write_part(&owned, resumed, chunks, true));
+        let w = tokio::task::spawn_blocking(move || write_part(&p, resumed, chunks, true));
         (Some(tx), Some(w))
     };
     let mut gathered = Vec::new();
@@ -461,34 +558,36 @@ async fn attempt_once(
         written += n;
     };
     drop(tx);
-    let writer = match writer.take() {
-        Some(w) => w,
-        None => tokio::task::spawn_blocking(move || {
-            write_part(&owned, resumed, gathered.into_iter(), false)
-        }),
-    };
+    let complete = outcome.is_none();
     // What was received is on disk (and synced) before a cut is resumed.
-    let (hasher, on_disk) = writer
-        .await
-        .map_err(|e| Error::Other(format!("file writer task: {e}")))?
-        .map_err(|e| io_err("writing", part, e))?;
+    let verdict = match writer {
+        None => {
+            blocking(move || {
+                let w = write_part(&owned.part, resumed, gathered.into_iter(), false)
+                    .map_err(|e| io_err("writing", &owned.part, e))?;
+                verify_and_store(&owned, w, complete)
+            })
+            .await?
+        }
+        Some(w) => {
+            let w = w
+                .await
+                .map_err(|e| Error::Other(format!("file writer task: {e}")))?
+                .map_err(|e| io_err("writing", part, e))?;
+            blocking(move || verify_and_store(&owned, w, complete)).await?
+        }
+    };
     metrics::counter!(m::FILES_DOWNLOADED_BYTES, "location" => location.to_string())
         .increment(written);
     if let Some(a) = outcome {
         return Ok(Err(a));
     }
-    if on_disk != size {
-        return Ok(Err(Attempt::Mismatch(format!(
-            "size {on_disk} bytes, the event says {size}"
-        ))));
+    match verdict {
+        Verdict::Stored(n) => Ok(Ok(Some(n))),
+        Verdict::Mismatch(why) => Ok(Err(Attempt::Mismatch(why))),
+        // Not reached: an attempt that ended early has its outcome, returned above.
+        Verdict::Incomplete => Ok(Err(Attempt::Cut("the writer stopped".into()))),
     }
-    let got = hex::encode(hasher.finalize());
-    if got != sha256 {
-        return Ok(Err(Attempt::Mismatch(format!(
-            "sha256 {got}, expected {sha256}"
-        ))));
-    }
-    Ok(Ok(Some(on_disk)))
 }
 
 #[cfg(test)]
