@@ -304,6 +304,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pooled_reads_hold_exactly_their_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (long, short) = (d.path().join("long"), d.path().join("short"));
+        std::fs::write(&long, vec![7u8; 300_000]).unwrap();
+        std::fs::write(&short, b"0123456789").unwrap();
+        let a = Pooled::read(&mut std::fs::File::open(&long).unwrap(), 300_000).unwrap();
+        assert_eq!(a.as_ref(), &vec![7u8; 300_000][..]);
+        drop(a);
+        // The long file's buffer, reused: nothing of it may show.
+        let b = Pooled::read(&mut std::fs::File::open(&short).unwrap(), 10).unwrap();
+        assert_eq!(b.as_ref(), b"0123456789");
+        // Asking for more than the file holds is an error, not a short body.
+        let e = Pooled::read(&mut std::fs::File::open(&short).unwrap(), 11)
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
     fn ranges() {
         let r = |v: &str| parse_range(Some(v), 100);
         assert_eq!(parse_range(None, 100), Range::Full);
