@@ -64,9 +64,21 @@ fn join_behind(behind: &mut Behind) -> std::io::Result<()> {
     }
 }
 
-/// A download of at most this many bytes is gathered in memory and written by one
-/// blocking call (a typical image); a longer one streams through a writer thread.
-const GATHER_MAX: u64 = 1 << 20;
+/// A download of at most this many bytes (one aligned buffer) is gathered in memory and
+/// written by one blocking call (a typical image); a longer one streams through a writer
+/// thread.
+const GATHER_MAX: u64 = super::direct::BUFFER as u64;
+
+/// Where an attempt's received bytes go.
+enum Into {
+    /// Copied into one aligned buffer, written once the body is complete.
+    Gather(Aligned),
+    /// Sent to the writer thread (which hashes on a thread of its own).
+    Stream(
+        tokio::sync::mpsc::Sender<Bytes>,
+        tokio::task::JoinHandle<std::io::Result<(Sha256, u64)>>,
+    ),
+}
 
 /// Downloads in flight across all locations (each location's batch runs up to
 /// [`super::DOWNLOAD_CONCURRENCY`]): bounds the memory of gathered downloads to
@@ -78,25 +90,48 @@ static DOWNLOAD_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_ne
 /// Chunks queued between a streamed download's writer and its hasher thread.
 const HASHER_QUEUE: usize = 16;
 
-/// The blocking half of one download attempt: opens `part` (appending after the bytes
-/// already there when `resume`, which are hashed first), then hashes and writes every
-/// chunk, with write-behind, and fsyncs the file. With `hash_apart` (a long download)
-/// a thread of its own hashes while this one writes, so a single large file is not
-/// limited by one core doing both. Returns the hash state and the file's length.
+/// Opens `part` for an attempt: created (truncated) for direct writes, or, when
+/// `resume`, appended to after the bytes already there, which are hashed into `hasher`
+/// first. Returns the sink and the bytes already in the file.
+fn open_part(part: &Path, resume: bool, hasher: &mut Sha256) -> std::io::Result<(Sink, u64)> {
+    if resume {
+        let n = schemas::files::hash_into(&mut std::fs::File::open(part)?, hasher)?;
+        Ok((Sink::append(part, n)?, n))
+    } else {
+        Ok((Sink::create(part, create_file)?, 0))
+    }
+}
+
+/// The blocking half of a gathered download (a typical image): the received bytes,
+/// already in one aligned buffer, are hashed, written and fsync'ed. Returns the hash
+/// state and the file's length.
+fn write_gathered(part: &Path, resume: bool, mut buf: Aligned) -> std::io::Result<(Sha256, u64)> {
+    let mut hasher = Sha256::new();
+    let r = (|| -> std::io::Result<u64> {
+        let (mut sink, before) = open_part(part, resume, &mut hasher)?;
+        hasher.update(buf.bytes());
+        let total = before + buf.len() as u64;
+        sink.finish(&mut buf)?;
+        sink.file.sync_all()?;
+        Ok(total)
+    })();
+    buf.give();
+    Ok((hasher, r?))
+}
+
+/// The blocking half of a streamed download (a long one): opens `part` (see
+/// [`open_part`]), then writes every chunk while a thread of its own hashes it (a single
+/// large file is then not limited by one core doing both), with write-behind when the
+/// writes are ordinary ones, and fsyncs the file. Returns the hash state and the
+/// file's length.
 fn write_part(
     part: &Path,
     resume: bool,
     chunks: impl Iterator<Item = Bytes>,
-    hash_apart: bool,
 ) -> std::io::Result<(Sha256, u64)> {
     let mut hasher = Sha256::new();
-    let (mut sink, mut total) = if resume {
-        let n = schemas::files::hash_into(&mut std::fs::File::open(part)?, &mut hasher)?;
-        (Sink::append(part, n)?, n)
-    } else {
-        (Sink::create(part, create_file)?, 0)
-    };
-    let mut hashing = Hashing::new(hasher, hash_apart);
+    let (mut sink, mut total) = open_part(part, resume, &mut hasher)?;
+    let mut hashing = Hashing::new(hasher);
     let mut buf = Aligned::take();
     let mut mark = total;
     let mut behind: Behind = None;
@@ -137,57 +172,37 @@ fn write_part(
     Ok((hasher, total))
 }
 
-/// Where a download's sha256 is computed.
-enum Hashing {
-    /// In the writing thread.
-    Here(Sha256),
-    /// By a thread of its own, fed every chunk (a long download).
-    Apart(
-        std::sync::mpsc::SyncSender<Bytes>,
-        std::thread::JoinHandle<Sha256>,
-    ),
+/// A streamed download's sha256, computed by a thread of its own fed every chunk.
+struct Hashing {
+    tx: std::sync::mpsc::SyncSender<Bytes>,
+    thread: std::thread::JoinHandle<Sha256>,
 }
 
 impl Hashing {
-    /// Continues `hasher` here, or on a thread of its own when `apart`.
-    fn new(mut hasher: Sha256, apart: bool) -> Hashing {
-        if !apart {
-            return Hashing::Here(hasher);
-        }
+    /// Continues `hasher` on a thread of its own.
+    fn new(mut hasher: Sha256) -> Hashing {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(HASHER_QUEUE);
-        Hashing::Apart(
-            tx,
-            std::thread::spawn(move || {
-                for c in rx {
-                    hasher.update(&c);
-                }
-                hasher
-            }),
-        )
+        let thread = std::thread::spawn(move || {
+            for c in rx {
+                hasher.update(&c);
+            }
+            hasher
+        });
+        Hashing { tx, thread }
     }
 
     fn update(&mut self, chunk: &Bytes) {
-        match self {
-            Hashing::Here(h) => h.update(chunk),
-            // A hasher that died is reported by `finish`.
-            Hashing::Apart(tx, _) => {
-                let _ = tx.send(chunk.clone());
-            }
-        }
+        // A hasher that died is reported by `finish`.
+        let _ = self.tx.send(chunk.clone());
     }
 
     /// The hash of everything given to `update`.
     fn finish(self) -> std::io::Result<Sha256> {
-        match self {
-            Hashing::Here(h) => Ok(h),
-            Hashing::Apart(tx, thread) => {
-                // The thread ends when its sender is dropped.
-                drop(tx);
-                thread
-                    .join()
-                    .map_err(|_| std::io::Error::other("hasher thread panicked"))
-            }
-        }
+        // The thread ends when its sender is dropped.
+        drop(self.tx);
+        self.thread
+            .join()
+            .map_err(|_| std::io::Error::other("hasher thread panicked"))
     }
 }
 
@@ -510,25 +525,26 @@ async fn attempt_once(
     if !resumed {
         have = 0;
     }
-    // A short download is gathered, then written, verified and stored by one blocking
+    // A short download is gathered (copied as it arrives into an aligned buffer, so that
+    // the HTTP client reuses its own), then written, verified and stored by one blocking
     // call; a long one streams to a writer thread as it arrives.
-    let gather = size.saturating_sub(have) <= GATHER_MAX;
     let owned = Owned {
         part: part.to_path_buf(),
         object: target.object.to_path_buf(),
         sha256: sha256.to_string(),
         size,
     };
-    let (tx, writer) = if gather {
-        (None, None)
+    let mut into = if size.saturating_sub(have) <= GATHER_MAX {
+        Into::Gather(Aligned::take())
     } else {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITER_QUEUE);
         let p = owned.part.clone();
         let chunks = std::iter::from_fn(move || rx.blocking_recv());
-        let w = tokio::task::spawn_blocking(move || write_part(&p, resumed, chunks, true));
-        (Some(tx), Some(w))
+        Into::Stream(
+            tx,
+            tokio::task::spawn_blocking(move || write_part(&p, resumed, chunks)),
+        )
     };
-    let mut gathered = Vec::new();
     let mut resp = resp;
     let mut total = have;
     let mut written = 0u64;
@@ -546,31 +562,35 @@ async fn attempt_once(
             )));
         }
         let n = chunk.len() as u64;
-        match &tx {
-            Some(tx) => {
+        match &mut into {
+            // Fits: at most `size - have` <= GATHER_MAX bytes arrive (checked above).
+            Into::Gather(buf) => {
+                buf.fill(&chunk);
+            }
+            Into::Stream(tx, _) => {
                 if tx.send(chunk).await.is_err() {
                     // The writer stopped: its error is reported below.
                     break None;
                 }
             }
-            None => gathered.push(chunk),
         }
         written += n;
     };
-    drop(tx);
     let complete = outcome.is_none();
     // What was received is on disk (and synced) before a cut is resumed.
-    let verdict = match writer {
-        None => {
+    let verdict = match into {
+        Into::Gather(buf) => {
             blocking(move || {
-                let w = write_part(&owned.part, resumed, gathered.into_iter(), false)
+                let w = write_gathered(&owned.part, resumed, buf)
                     .map_err(|e| io_err("writing", &owned.part, e))?;
                 verify_and_store(&owned, w, complete)
             })
             .await?
         }
-        Some(w) => {
-            let w = w
+        Into::Stream(tx, writer) => {
+            // The writer ends when its sender is dropped.
+            drop(tx);
+            let w = writer
                 .await
                 .map_err(|e| Error::Other(format!("file writer task: {e}")))?
                 .map_err(|e| io_err("writing", part, e))?;
@@ -594,21 +614,20 @@ async fn attempt_once(
 mod tests {
     use super::*;
 
-    /// Writes `data` in 64 KiB chunks to `part`, hashing apart or not; both ways must
-    /// agree; returns the result.
-    fn write(part: &Path, resume: bool, data: &[u8]) -> (String, u64) {
-        let before = std::fs::read(part).ok();
-        let mut got = Vec::new();
-        for apart in [false, true] {
-            if let Some(b) = &before {
-                std::fs::write(part, b).unwrap();
-            }
-            let chunks = data.chunks(64 * 1024).map(Bytes::copy_from_slice);
-            let (h, n) = write_part(part, resume, chunks, apart).unwrap();
-            got.push((hex::encode(h.finalize()), n));
-        }
-        assert_eq!(got[0], got[1], "hashing apart or not");
-        got.remove(0)
+    /// Writes `data` (in 64 KiB chunks) to `part` as a streamed download; returns the
+    /// sha256 and length the writer reports.
+    fn stream(part: &Path, resume: bool, data: &[u8]) -> (String, u64) {
+        let chunks = data.chunks(64 * 1024).map(Bytes::copy_from_slice);
+        let (h, n) = write_part(part, resume, chunks).unwrap();
+        (hex::encode(h.finalize()), n)
+    }
+
+    /// The same as a gathered download (`data` fits in one buffer).
+    fn gather(part: &Path, resume: bool, data: &[u8]) -> (String, u64) {
+        let mut buf = Aligned::take();
+        assert_eq!(buf.fill(data), data.len());
+        let (h, n) = write_gathered(part, resume, buf).unwrap();
+        (hex::encode(h.finalize()), n)
     }
 
     #[test]
@@ -621,16 +640,42 @@ mod tests {
             .collect();
         let whole = hex::encode(Sha256::digest(&data));
         assert_eq!(
-            write(&part, false, &data),
+            stream(&part, false, &data),
             (whole.clone(), data.len() as u64)
         );
         assert_eq!(std::fs::read(&part).unwrap(), data);
         // A cut after 10 MiB + 7 bytes: the resumed attempt hashes the prefix on disk.
         let cut = 10 * 1024 * 1024 + 7;
         std::fs::write(&part, &data[..cut]).unwrap();
-        assert_eq!(write(&part, true, &data[cut..]), (whole, data.len() as u64));
+        assert_eq!(
+            stream(&part, true, &data[cut..]),
+            (whole, data.len() as u64)
+        );
         assert_eq!(std::fs::read(&part).unwrap(), data);
         // Not resumed: the part file starts over.
-        assert_eq!(write(&part, false, b"abc").1, 3);
+        assert_eq!(stream(&part, false, b"abc").1, 3);
+    }
+
+    #[test]
+    fn gathered_downloads_hash_write_and_resume() {
+        let d = tempfile::tempdir().unwrap();
+        let part = d.path().join("y.part");
+        let data: Vec<u8> = (0..300_001).map(|i| (i * 17 % 241) as u8).collect();
+        let whole = hex::encode(Sha256::digest(&data));
+        assert_eq!(
+            gather(&part, false, &data),
+            (whole.clone(), data.len() as u64)
+        );
+        assert_eq!(std::fs::read(&part).unwrap(), data);
+        // Resumed after 4097 bytes: the prefix on disk is hashed, the rest appended.
+        std::fs::write(&part, &data[..4097]).unwrap();
+        assert_eq!(
+            gather(&part, true, &data[4097..]),
+            (whole, data.len() as u64)
+        );
+        assert_eq!(std::fs::read(&part).unwrap(), data);
+        // Not resumed: the part file starts over.
+        assert_eq!(gather(&part, false, b"abc").1, 3);
+        assert_eq!(std::fs::read(&part).unwrap(), b"abc");
     }
 }
