@@ -39,12 +39,6 @@ enum Command {
     },
 }
 
-/// mimalloc keeps freed memory for reuse: the downloads' and file reads' large buffers
-/// would otherwise come fresh from the kernel, a page fault per 4 KiB
-/// (tests/bench/notes/files.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cfg = match Config::load(&cli.config) {

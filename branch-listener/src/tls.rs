@@ -183,6 +183,42 @@ mod tests {
         (dir.join("127.0.0.1.pem"), dir.join("127.0.0.1.key"))
     }
 
+    #[tokio::test]
+    async fn tls_connections_are_accepted_without_nagle() {
+        let d = tempfile::tempdir().unwrap();
+        let (cert, key) = make_ca(d.path());
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let mut listener =
+            TlsListener::new(tcp, server_config(&cert, &key).unwrap(), shutdown.clone()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(d.path().join("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(name, tcp)
+                .await
+                .unwrap()
+        };
+        // The handshake needs both ends at once.
+        let (client, (accepted, peer)) =
+            tokio::join!(connect, axum::serve::Listener::accept(&mut listener));
+        assert_eq!(peer, client.get_ref().0.local_addr().unwrap());
+        assert!(accepted.get_ref().0.nodelay().unwrap());
+        shutdown.cancel();
+    }
+
     #[test]
     fn pem_files_load_and_errors_name_the_key() {
         let d = tempfile::tempdir().unwrap();

@@ -70,7 +70,7 @@ fn join_behind(behind: &mut Behind) -> std::io::Result<()> {
 const GATHER_MAX: u64 = super::direct::BUFFER as u64;
 
 /// Where an attempt's received bytes go.
-enum Into {
+enum Receiving {
     /// Copied into one aligned buffer, written once the body is complete.
     Gather(Aligned),
     /// Sent to the writer thread (which hashes on a thread of its own).
@@ -299,10 +299,7 @@ pub async fn fetch(
     // One blocking call for both looks (a typical image makes two in all: this one and
     // the one that writes, verifies and stores it).
     let (o, p) = (object.clone(), part.clone());
-    let Some(mut have) =
-        blocking(move || part_to_resume(&o, &p, size).map_err(|e| io_err("reading", &p, e)))
-            .await?
-    else {
+    let Some(mut have) = blocking(move || Ok(part_to_resume(&o, &p, size))).await? else {
         return Ok(Fetched::Stored);
     };
     let _slot = DOWNLOAD_SLOTS
@@ -395,10 +392,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 /// `None` when `object` is already stored with `size` bytes; else the bytes of `part`
 /// to resume from (see [`part_len`]).
-fn part_to_resume(object: &Path, part: &Path, size: u64) -> std::io::Result<Option<u64>> {
+fn part_to_resume(object: &Path, part: &Path, size: u64) -> Option<u64> {
     match std::fs::metadata(object) {
-        Ok(meta) if meta.len() == size => Ok(None),
-        _ => Ok(Some(part_len(part, size))),
+        Ok(meta) if meta.len() == size => None,
+        _ => Some(part_len(part, size)),
     }
 }
 
@@ -534,13 +531,13 @@ async fn attempt_once(
         sha256: sha256.to_string(),
         size,
     };
-    let mut into = if size.saturating_sub(have) <= GATHER_MAX {
-        Into::Gather(Aligned::take())
+    let mut receiving = if size.saturating_sub(have) <= GATHER_MAX {
+        Receiving::Gather(Aligned::take())
     } else {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITER_QUEUE);
         let p = owned.part.clone();
         let chunks = std::iter::from_fn(move || rx.blocking_recv());
-        Into::Stream(
+        Receiving::Stream(
             tx,
             tokio::task::spawn_blocking(move || write_part(&p, resumed, chunks)),
         )
@@ -562,12 +559,12 @@ async fn attempt_once(
             )));
         }
         let n = chunk.len() as u64;
-        match &mut into {
+        match &mut receiving {
             // Fits: at most `size - have` <= GATHER_MAX bytes arrive (checked above).
-            Into::Gather(buf) => {
+            Receiving::Gather(buf) => {
                 buf.fill(&chunk);
             }
-            Into::Stream(tx, _) => {
+            Receiving::Stream(tx, _) => {
                 if tx.send(chunk).await.is_err() {
                     // The writer stopped: its error is reported below.
                     break None;
@@ -578,8 +575,8 @@ async fn attempt_once(
     };
     let complete = outcome.is_none();
     // What was received is on disk (and synced) before a cut is resumed.
-    let verdict = match into {
-        Into::Gather(buf) => {
+    let verdict = match receiving {
+        Receiving::Gather(buf) => {
             blocking(move || {
                 let w = write_gathered(&owned.part, resumed, buf)
                     .map_err(|e| io_err("writing", &owned.part, e))?;
@@ -587,7 +584,7 @@ async fn attempt_once(
             })
             .await?
         }
-        Into::Stream(tx, writer) => {
+        Receiving::Stream(tx, writer) => {
             // The writer ends when its sender is dropped.
             drop(tx);
             let w = writer
