@@ -88,13 +88,6 @@ enum Command {
     },
 }
 
-/// mimalloc keeps freed memory for reuse: the file downloads' large buffers would
-/// otherwise come fresh from the kernel, a zeroed page per 4 KiB (one 2 GiB file:
-/// 3.0 → 2.7 CPU s). The listener keeps glibc's allocator: with mimalloc, 46 of them
-/// served a catch-up 30% slower (tests/bench/notes/files.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match config::load(&cli.config) {

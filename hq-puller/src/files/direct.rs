@@ -47,16 +47,6 @@ impl Aligned {
         })
     }
 
-    /// Returns the buffer to the pool (or frees it when the pool is full).
-    pub fn give(mut self) {
-        self.len = 0;
-        if let Ok(mut p) = POOL.lock() {
-            if p.len() < POOL_KEEP {
-                p.push(self);
-            }
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.len
     }
@@ -84,6 +74,24 @@ impl Aligned {
 
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+}
+
+/// A dropped buffer goes back to the pool (or is freed when the pool is full).
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        if self.vec.is_empty() {
+            return;
+        }
+        if let Ok(mut p) = POOL.lock() {
+            if p.len() < POOL_KEEP {
+                p.push(Aligned {
+                    vec: std::mem::take(&mut self.vec),
+                    start: self.start,
+                    len: 0,
+                });
+            }
+        }
     }
 }
 
@@ -134,29 +142,30 @@ impl Sink {
         self.direct
     }
 
-    /// Writes a full buffer (its length a multiple of [`ALIGN`] when direct) and empties it.
-    pub fn write(&mut self, buf: &mut Aligned) -> std::io::Result<()> {
-        debug_assert!(!self.direct || buf.len().is_multiple_of(ALIGN));
-        self.write_bytes(buf.bytes())?;
-        buf.clear();
-        Ok(())
+    /// Writes `bytes`: when direct, whole [`ALIGN`] blocks from aligned memory (a full
+    /// [`Aligned`] buffer).
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        debug_assert!(
+            !self.direct
+                || (bytes.len().is_multiple_of(ALIGN) && bytes.as_ptr().align_offset(ALIGN) == 0)
+        );
+        self.write_bytes(bytes)
     }
 
-    /// Writes what is left in `buf` (any length): its whole blocks directly, the rest
-    /// with an ordinary write (cheaper than a padded block cut back, which makes the file
-    /// system read the block back to zero its end). The caller still syncs the file.
-    pub fn finish(&mut self, buf: &mut Aligned) -> std::io::Result<()> {
-        let whole = buf.len() / ALIGN * ALIGN;
-        let tail = if self.direct && whole < buf.len() {
-            self.write_bytes(&buf.bytes()[..whole])?;
+    /// Writes the last `bytes` (any length, from aligned memory): their whole blocks
+    /// directly, the rest with an ordinary write (cheaper than a padded block cut back,
+    /// which makes the file system read the block back to zero its end). Writes after
+    /// it are ordinary ones. The caller still syncs the file.
+    pub fn finish(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let whole = bytes.len() / ALIGN * ALIGN;
+        let tail = if self.direct && whole < bytes.len() {
+            self.write_bytes(&bytes[..whole])?;
             self.buffered()?;
             whole
         } else {
             0
         };
-        self.write_bytes(&buf.bytes()[tail..])?;
-        buf.clear();
-        Ok(())
+        self.write_bytes(&bytes[tail..])
     }
 
     /// Goes on with ordinary writes (the open file's flag cleared).
@@ -211,12 +220,12 @@ mod tests {
             let n = buf.fill(rest);
             rest = &rest[n..];
             if buf.is_full() {
-                sink.write(&mut buf).unwrap();
+                sink.write(buf.bytes()).unwrap();
+                buf.clear();
             }
         }
-        sink.finish(&mut buf).unwrap();
+        sink.finish(buf.bytes()).unwrap();
         sink.file.sync_all().unwrap();
-        buf.give();
         sink.is_direct()
     }
 
@@ -260,7 +269,7 @@ mod tests {
     fn pooled_buffers_are_aligned_and_empty() {
         let mut a = Aligned::take();
         a.fill(b"xyz");
-        a.give();
+        drop(a);
         let b = Aligned::take();
         assert!(b.is_empty());
         assert_eq!(b.bytes().as_ptr().align_offset(ALIGN), 0);

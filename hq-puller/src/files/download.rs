@@ -11,10 +11,10 @@ use super::Store;
 use crate::client::{describe, http_error, Client};
 use crate::error::{Error, Result};
 use crate::metrics as m;
-use bytes::Bytes;
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Download attempts (cuts and mismatches) per content and batch.
 pub const ATTEMPTS: usize = 4;
@@ -47,9 +47,9 @@ enum Attempt {
 /// per open file, so it must not be dropped).
 const WRITE_BEHIND: u64 = 8 * 1024 * 1024;
 
-/// Chunks queued between the network and a download's writer thread (bounded memory:
-/// a few hundred KiB per download at most).
-const WRITER_QUEUE: usize = 8;
+/// Buffers (1 MiB) queued between the network and a download's writer thread (bounded
+/// memory: with the hasher's queue, about 10 MiB per long download).
+const WRITER_QUEUE: usize = 4;
 
 /// The background sync of [`WRITE_BEHIND`], if one was started.
 type Behind = Option<std::thread::JoinHandle<std::io::Result<()>>>;
@@ -73,11 +73,15 @@ const GATHER_MAX: u64 = super::direct::BUFFER as u64;
 enum Receiving {
     /// Copied into one aligned buffer, written once the body is complete.
     Gather(Aligned),
-    /// Sent to the writer thread (which hashes on a thread of its own).
-    Stream(
-        tokio::sync::mpsc::Sender<Bytes>,
-        tokio::task::JoinHandle<std::io::Result<(Sha256, u64)>>,
-    ),
+    /// Copied into aligned buffers; each full one is sent to the writer thread (which
+    /// has it hashed on a thread of its own), the last one when the body ends. The
+    /// HTTP client's read buffer is free again at once, and the buffers are pooled: no
+    /// memory is taken fresh per chunk.
+    Stream {
+        filling: Aligned,
+        tx: tokio::sync::mpsc::Sender<Arc<Aligned>>,
+        writer: tokio::task::JoinHandle<std::io::Result<(Sha256, u64)>>,
+    },
 }
 
 /// Downloads in flight across all locations (each location's batch runs up to
@@ -87,8 +91,8 @@ pub const ALL_DOWNLOADS: usize = 64;
 
 static DOWNLOAD_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(ALL_DOWNLOADS);
 
-/// Chunks queued between a streamed download's writer and its hasher thread.
-const HASHER_QUEUE: usize = 16;
+/// Buffers (1 MiB) queued between a streamed download's writer and its hasher thread.
+const HASHER_QUEUE: usize = 4;
 
 /// Opens `part` for an attempt: created (truncated) for direct writes, or, when
 /// `resume`, appended to after the bytes already there, which are hashed into `hasher`
@@ -105,46 +109,43 @@ fn open_part(part: &Path, resume: bool, hasher: &mut Sha256) -> std::io::Result<
 /// The blocking half of a gathered download (a typical image): the received bytes,
 /// already in one aligned buffer, are hashed, written and fsync'ed. Returns the hash
 /// state and the file's length.
-fn write_gathered(part: &Path, resume: bool, mut buf: Aligned) -> std::io::Result<(Sha256, u64)> {
+fn write_gathered(part: &Path, resume: bool, buf: Aligned) -> std::io::Result<(Sha256, u64)> {
     let mut hasher = Sha256::new();
     let r = (|| -> std::io::Result<u64> {
         let (mut sink, before) = open_part(part, resume, &mut hasher)?;
         hasher.update(buf.bytes());
         let total = before + buf.len() as u64;
-        sink.finish(&mut buf)?;
+        sink.finish(buf.bytes())?;
         sink.file.sync_all()?;
         Ok(total)
     })();
-    buf.give();
     Ok((hasher, r?))
 }
 
 /// The blocking half of a streamed download (a long one): opens `part` (see
-/// [`open_part`]), then writes every chunk while a thread of its own hashes it (a single
-/// large file is then not limited by one core doing both), with write-behind when the
-/// writes are ordinary ones, and fsyncs the file. Returns the hash state and the
-/// file's length.
+/// [`open_part`]), then writes every buffer (full ones but the last) while a thread of
+/// its own hashes it (a single large file is then not limited by one core doing both),
+/// with write-behind when the writes are ordinary ones, and fsyncs the file. Returns
+/// the hash state and the file's length.
 fn write_part(
     part: &Path,
     resume: bool,
-    chunks: impl Iterator<Item = Bytes>,
+    bufs: impl Iterator<Item = Arc<Aligned>>,
 ) -> std::io::Result<(Sha256, u64)> {
     let mut hasher = Sha256::new();
     let (mut sink, mut total) = open_part(part, resume, &mut hasher)?;
     let mut hashing = Hashing::new(hasher);
-    let mut buf = Aligned::take();
     let mut mark = total;
     let mut behind: Behind = None;
-    let r = (|| {
-        for chunk in chunks {
-            hashing.update(&chunk);
-            total += chunk.len() as u64;
-            let mut rest = &chunk[..];
-            while !rest.is_empty() {
-                rest = &rest[buf.fill(rest)..];
-                if buf.is_full() {
-                    sink.write(&mut buf)?;
-                }
+    let r = (|| -> std::io::Result<()> {
+        for buf in bufs {
+            hashing.update(&buf);
+            total += buf.len() as u64;
+            if buf.is_full() {
+                sink.write(buf.bytes())?;
+            } else {
+                // Only the last buffer is not full.
+                sink.finish(buf.bytes())?;
             }
             // Direct writes are on the disk when they return: write-behind is for ordinary
             // ones only.
@@ -153,15 +154,13 @@ fn write_part(
                 && behind.as_ref().is_none_or(|h| h.is_finished())
             {
                 join_behind(&mut behind)?;
-                sink.write(&mut buf)?;
                 let clone = sink.file.try_clone()?;
                 behind = Some(std::thread::spawn(move || clone.sync_data()));
                 mark = total;
             }
         }
-        sink.finish(&mut buf)
+        Ok(())
     })();
-    buf.give();
     let hashed = hashing.finish();
     // Always joined: its error must not be lost.
     let synced = join_behind(&mut behind);
@@ -174,26 +173,26 @@ fn write_part(
 
 /// A streamed download's sha256, computed by a thread of its own fed every chunk.
 struct Hashing {
-    tx: std::sync::mpsc::SyncSender<Bytes>,
+    tx: std::sync::mpsc::SyncSender<Arc<Aligned>>,
     thread: std::thread::JoinHandle<Sha256>,
 }
 
 impl Hashing {
     /// Continues `hasher` on a thread of its own.
     fn new(mut hasher: Sha256) -> Hashing {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(HASHER_QUEUE);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Aligned>>(HASHER_QUEUE);
         let thread = std::thread::spawn(move || {
-            for c in rx {
-                hasher.update(&c);
+            for buf in rx {
+                hasher.update(buf.bytes());
             }
             hasher
         });
         Hashing { tx, thread }
     }
 
-    fn update(&mut self, chunk: &Bytes) {
+    fn update(&mut self, buf: &Arc<Aligned>) {
         // A hasher that died is reported by `finish`.
-        let _ = self.tx.send(chunk.clone());
+        let _ = self.tx.send(buf.clone());
     }
 
     /// The hash of everything given to `update`.
@@ -534,13 +533,14 @@ async fn attempt_once(
     let mut receiving = if size.saturating_sub(have) <= GATHER_MAX {
         Receiving::Gather(Aligned::take())
     } else {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITER_QUEUE);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Arc<Aligned>>(WRITER_QUEUE);
         let p = owned.part.clone();
-        let chunks = std::iter::from_fn(move || rx.blocking_recv());
-        Receiving::Stream(
+        let bufs = std::iter::from_fn(move || rx.blocking_recv());
+        Receiving::Stream {
+            filling: Aligned::take(),
             tx,
-            tokio::task::spawn_blocking(move || write_part(&p, resumed, chunks)),
-        )
+            writer: tokio::task::spawn_blocking(move || write_part(&p, resumed, bufs)),
+        }
     };
     let mut resp = resp;
     let mut total = have;
@@ -564,8 +564,20 @@ async fn attempt_once(
             Receiving::Gather(buf) => {
                 buf.fill(&chunk);
             }
-            Receiving::Stream(tx, _) => {
-                if tx.send(chunk).await.is_err() {
+            Receiving::Stream { filling, tx, .. } => {
+                let mut rest = &chunk[..];
+                let mut stopped = false;
+                while !rest.is_empty() {
+                    rest = &rest[filling.fill(rest)..];
+                    if filling.is_full() {
+                        let full = std::mem::replace(filling, Aligned::take());
+                        if tx.send(Arc::new(full)).await.is_err() {
+                            stopped = true;
+                            break;
+                        }
+                    }
+                }
+                if stopped {
                     // The writer stopped: its error is reported below.
                     break None;
                 }
@@ -584,8 +596,16 @@ async fn attempt_once(
             })
             .await?
         }
-        Receiving::Stream(tx, writer) => {
-            // The writer ends when its sender is dropped.
+        Receiving::Stream {
+            filling,
+            tx,
+            writer,
+        } => {
+            // What was received is written, also before a resume: the last buffer, then
+            // the writer ends when its sender is dropped.
+            if !filling.is_empty() {
+                let _ = tx.send(Arc::new(filling)).await;
+            }
             drop(tx);
             let w = writer
                 .await
@@ -611,11 +631,15 @@ async fn attempt_once(
 mod tests {
     use super::*;
 
-    /// Writes `data` (in 64 KiB chunks) to `part` as a streamed download; returns the
-    /// sha256 and length the writer reports.
+    /// Writes `data` (in full buffers but the last) to `part` as a streamed download;
+    /// returns the sha256 and length the writer reports.
     fn stream(part: &Path, resume: bool, data: &[u8]) -> (String, u64) {
-        let chunks = data.chunks(64 * 1024).map(Bytes::copy_from_slice);
-        let (h, n) = write_part(part, resume, chunks).unwrap();
+        let bufs = data.chunks(super::super::direct::BUFFER).map(|c| {
+            let mut buf = Aligned::take();
+            buf.fill(c);
+            Arc::new(buf)
+        });
+        let (h, n) = write_part(part, resume, bufs).unwrap();
         (hex::encode(h.finalize()), n)
     }
 
