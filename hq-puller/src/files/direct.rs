@@ -71,10 +71,6 @@ impl Aligned {
     pub fn bytes(&self) -> &[u8] {
         &self.vec[self.start..self.start + self.len]
     }
-
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
 }
 
 /// A dropped buffer goes back to the pool (or is freed when the pool is full).
@@ -201,15 +197,7 @@ impl Sink {
 mod tests {
     use super::*;
 
-    fn create(path: &Path, flags: i32) -> std::io::Result<File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(flags)
-            .open(path)
-    }
+    use crate::files::download::create_file as create;
 
     /// Writes `data` through a sink in pooled buffers, as the downloader does.
     fn write_all(path: &Path, data: &[u8]) -> bool {
@@ -221,7 +209,7 @@ mod tests {
             rest = &rest[n..];
             if buf.is_full() {
                 sink.write(buf.bytes()).unwrap();
-                buf.clear();
+                buf = Aligned::take();
             }
         }
         sink.finish(buf.bytes()).unwrap();

@@ -242,7 +242,7 @@ pub fn create_dirs(dir: &Path) -> Result<()> {
 /// Creates (truncates) `path` opened with the extra open `flags`, making its directory
 /// first if it is missing (checked only on failure: no extra system call per file when
 /// it exists).
-fn create_file(path: &Path, flags: i32) -> std::io::Result<std::fs::File> {
+pub(super) fn create_file(path: &Path, flags: i32) -> std::io::Result<std::fs::File> {
     use std::io::ErrorKind::{NotADirectory, NotFound};
     use std::os::unix::fs::OpenOptionsExt;
     let open = || {
